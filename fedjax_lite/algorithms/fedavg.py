@@ -1,0 +1,94 @@
+"""Federated Averaging with server and client optimizers.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017, Algorithm 1 (FederatedAveraging), in the generalized form of
+Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 1 (FedOpt):
+
+    for each round t:
+        S_t <- random cohort of m clients                      (core.round)
+        for each client k in S_t, in parallel:                  (vmap, not a loop)
+            x_k <- ClientOpt local epochs on f_k starting at x_t
+            Delta_k = x_k - x_t
+        Delta_t = sum_k p_k Delta_k / sum_k p_k,  p_k = n_k    (aggregator; eq. "weighted
+                                                                 average" of Alg. 1)
+        x_{t+1} = ServerOpt(x_t, -Delta_t)                      (server optimizer on the
+                                                                 pseudo-gradient -Delta_t)
+
+With ServerOpt = SGD(learning rate 1) this is exactly McMahan et al.'s
+``x_{t+1} = sum_k (n_k / n) x_k``. FedAvgM, FedAdam, FedYogi and FedAdagrad are this
+function with another optax server optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lite.core.aggregators import Aggregator, mean
+from fedjax_lite.core.local import local_train
+from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
+                                    map_local_training)
+from fedjax_lite.models.base import Model, masked_mean_loss
+
+
+class ServerState(NamedTuple):
+    params: Any
+    opt_state: Any
+    agg_state: Any
+    round: jax.Array
+
+
+def server_update(tx: optax.GradientTransformation, params, opt_state, delta):
+    """x_{t+1} = ServerOpt(x_t, pseudo-gradient = -Delta_t)."""
+    pseudo_grad = jax.tree.map(jnp.negative, delta)
+    updates, opt_state = tx.update(pseudo_grad, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def cohort_train_loss(stats) -> jax.Array:
+    """Mean data loss over every real example processed in the cohort's local steps."""
+    return jnp.sum(stats.loss_sum) / jnp.maximum(jnp.sum(stats.examples), 1.0)
+
+
+def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
+           server_optimizer: optax.GradientTransformation, local_epochs: int,
+           batch_size: int, weighting: str = "examples", aggregator: Aggregator | None = None,
+           engine: EngineOptions = EngineOptions()) -> FederatedAlgorithm:
+    """Builds FedAvg. ``weighting``: ``examples`` (p_k = n_k, the paper's) or ``uniform``."""
+    if weighting not in ("examples", "uniform"):
+        raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+    aggregator = aggregator or mean()
+
+    def init(params) -> ServerState:
+        return ServerState(params, server_optimizer.init(params), aggregator.init(params),
+                           jnp.zeros((), jnp.int32))
+
+    def client_update(server_params, x, y, n, orders):
+        def loss_fn(p, xb, yb, mb):
+            loss = masked_mean_loss(model, p, xb, yb, mb)
+            return loss, loss
+
+        params, stats = local_train(loss_fn, client_optimizer, server_params, x, y, n, orders,
+                                    local_epochs=local_epochs, batch_size=batch_size,
+                                    unroll=engine.unroll)
+        return jax.tree.map(jnp.subtract, params, server_params), stats
+
+    def apply(state: ServerState, cohort: Cohort, key: jax.Array):
+        agg_key, train_key = jax.random.split(key)
+        keys = client_keys(train_key, cohort.index)
+        deltas, stats = map_local_training(
+            lambda *a: client_update(state.params, *a), cohort.x, cohort.y, cohort.n, keys,
+            (), local_epochs=local_epochs, chunk_size=engine.chunk_size)
+        weights = (cohort.n.astype(jnp.float32) if weighting == "examples"
+                   else jnp.ones(cohort.n.shape, jnp.float32))
+        delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
+                                                         agg_key)
+        params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
+                                          delta)
+        metrics = {"train_loss": cohort_train_loss(stats), **agg_metrics}
+        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+
+    return FederatedAlgorithm(init, apply)
