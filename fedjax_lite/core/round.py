@@ -56,19 +56,20 @@ class EngineOptions(NamedTuple):
 def map_chunks(chunk_fn: Callable, args: tuple, chunk_size: int | None):
     """Applies ``chunk_fn`` (written for a batch of clients, leading axis) to ``args``
     ``chunk_size`` clients at a time, the chunks one after another inside the program
-    (``lax.map``), and concatenates the results. None = one chunk."""
+    (``lax.map``), and concatenates the results. None = one chunk.
+
+    A last partial chunk is filled with copies of client 0 whose results are dropped,
+    so ``chunk_fn`` is compiled once.
+    """
     num = jax.tree.leaves(args)[0].shape[0]
     if chunk_size is None or chunk_size >= num:
         return chunk_fn(*args)
-    q, r = divmod(num, chunk_size)
-    main = jax.tree.map(lambda a: a[:q * chunk_size].reshape(q, chunk_size, *a.shape[1:]),
-                        args)
-    out = lax.map(lambda a: chunk_fn(*a), main)
-    out = jax.tree.map(lambda o: o.reshape(q * chunk_size, *o.shape[2:]), out)
-    if r:
-        rest = chunk_fn(*jax.tree.map(lambda a: a[q * chunk_size:], args))
-        out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
-    return out
+    chunks = -(-num // chunk_size)
+    fill = chunks * chunk_size - num
+    pad = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], fill, axis=0)]) if fill else a
+    stacked = jax.tree.map(lambda a: pad(a).reshape(chunks, chunk_size, *a.shape[1:]), args)
+    out = lax.map(lambda a: chunk_fn(*a), stacked)
+    return jax.tree.map(lambda o: o.reshape(chunks * chunk_size, *o.shape[2:])[:num], out)
 
 
 def map_clients(fn: Callable, args: tuple, chunk_size: int | None):

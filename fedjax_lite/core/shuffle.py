@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 _GOLDEN = np.uint32(0x9E3779B9)
 
@@ -32,29 +33,52 @@ def fmix32(h: jax.Array) -> jax.Array:
     return h ^ (h >> 16)
 
 
-def _bitonic_sort_axis0(keys: jax.Array, values: jax.Array) -> jax.Array:
-    """Sorts ``keys`` [M, ...] ascending along axis 0 (M a power of two), carrying
-    ``values``; returns the values. Lanes (the trailing axes) are independent."""
-    M = keys.shape[0]
-    rest = keys.shape[1:]
+def _stages(M: int) -> tuple[np.ndarray, np.ndarray]:
+    """(k, j) of every compare-exchange stage of a bitonic network on M = 2^p items."""
+    ks, js = [], []
     k = 2
     while k <= M:
         j = k // 2
         while j >= 1:
-            blocks = M // (2 * j)
-            ascending = ((np.arange(blocks) * 2 * j) & k) == 0
-            ascending = jnp.asarray(ascending).reshape((blocks, 1) + (1,) * len(rest))
-            kk = keys.reshape((blocks, 2, j) + rest)
-            vv = values.reshape((blocks, 2, j) + rest)
-            k_lo, k_hi, v_lo, v_hi = kk[:, 0], kk[:, 1], vv[:, 0], vv[:, 1]
-            swap = (k_lo > k_hi) == ascending
-            keys = jnp.stack([jnp.where(swap, k_hi, k_lo), jnp.where(swap, k_lo, k_hi)],
-                             1).reshape(keys.shape)
-            values = jnp.stack([jnp.where(swap, v_hi, v_lo), jnp.where(swap, v_lo, v_hi)],
-                               1).reshape(values.shape)
+            ks.append(k)
+            js.append(j)
             j //= 2
         k *= 2
-    return values
+    return np.array(ks, np.int32), np.array(js, np.int32)
+
+
+def _roll0(a: jax.Array, shift: jax.Array) -> jax.Array:
+    """``jnp.roll(a, shift, axis=0)`` for a traced shift in [0, M): one dynamic slice."""
+    M = a.shape[0]
+    return lax.dynamic_slice_in_dim(jnp.concatenate([a, a]), M - shift, M, axis=0)
+
+
+def _bitonic_sort_axis0(keys: jax.Array, values: jax.Array) -> jax.Array:
+    """Sorts ``keys`` [M, ...] ascending along axis 0 (M a power of two), carrying
+    ``values``; returns the values. Trailing axes are independent lanes.
+
+    Stage (k, j) compares item i with its partner i ^ j; in blocks where ``i & k == 0``
+    the pair is put in ascending order, elsewhere descending (Batcher 1968). The stages
+    run in a ``fori_loop`` (one compiled body), the partner read as a roll by +-j.
+    """
+    M = keys.shape[0]
+    if M == 1:
+        return values
+    ks, js = _stages(M)
+    index = jnp.arange(M, dtype=jnp.int32).reshape((M,) + (1,) * (keys.ndim - 1))
+
+    def stage(s, carry):
+        keys, values = carry
+        k, j = jnp.asarray(ks)[s], jnp.asarray(js)[s]
+        lower = (index & j) == 0                       # i is the lower item of its pair
+        up, down = _roll0(keys, M - j), _roll0(keys, j)  # items i + j and i - j
+        partner_key = jnp.where(lower, up, down)
+        partner_val = jnp.where(lower, _roll0(values, M - j), _roll0(values, j))
+        want_min = lower == ((index & k) == 0)
+        keep = jnp.where(want_min, keys <= partner_key, keys >= partner_key)
+        return jnp.where(keep, keys, partner_key), jnp.where(keep, values, partner_val)
+
+    return lax.fori_loop(0, len(ks), stage, (keys, values))[1]
 
 
 def epoch_orders(keys: jax.Array, n: jax.Array, num_examples: int,
@@ -69,12 +93,12 @@ def epoch_orders(keys: jax.Array, n: jax.Array, num_examples: int,
     """
     N, E = num_examples, num_epochs
     M = 1 << max(N - 1, 0).bit_length()                       # next power of two >= N
-    seeds = jax.vmap(lambda k: jax.random.bits(k, (E,), jnp.uint32))(keys)   # [K, E]
+    seeds = jax.vmap(lambda k: jax.random.bits(k, (E,), jnp.uint32))(keys).T  # [E, K]
     index = jnp.arange(M, dtype=jnp.uint32).reshape(M, 1, 1)
-    hashed = fmix32(seeds[None] ^ (index * _GOLDEN))                          # [M, K, E]
-    real = index < n.astype(jnp.uint32)[None, :, None]
+    hashed = fmix32(seeds[None] ^ (index * _GOLDEN))                          # [M, E, K]
+    real = index < n.astype(jnp.uint32)[None, None, :]
     sort_keys = jnp.where(real, jnp.minimum(hashed, np.uint32(0xFFFFFFFE)),
                           np.uint32(0xFFFFFFFF))
     values = jnp.broadcast_to(index.astype(jnp.int32), sort_keys.shape)
-    order = _bitonic_sort_axis0(sort_keys, values)[:N]                       # [N, K, E]
-    return jnp.minimum(jnp.transpose(order, (1, 2, 0)), N - 1)
+    order = _bitonic_sort_axis0(sort_keys, values)[:N]                       # [N, E, K]
+    return jnp.minimum(jnp.transpose(order, (2, 1, 0)), N - 1)

@@ -1,0 +1,77 @@
+"""From a validated :class:`Config` to data, model, optimizers and the algorithm."""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+
+import jax
+
+from fedjax_lite import data as fdata
+from fedjax_lite.algorithms import fedavg
+from fedjax_lite.core import EngineOptions, FederatedAlgorithm
+from fedjax_lite.experiment.config import (Config, EngineConfig, FedProxSyntheticData,
+                                           NpzData, OptimizerConfig, SyntheticLogisticData)
+from fedjax_lite.models import Model, logistic_regression, multinomial_logistic_regression
+
+
+def build_data(config: Config) -> tuple[fdata.Population, fdata.Population]:
+    """(train, test) populations; validated (raises ValueError naming the problem)."""
+    d = config.data
+    split_rng = np.random.default_rng([config.seed, 1])
+    if isinstance(d, SyntheticLogisticData):
+        pop = fdata.synthetic_logistic(
+            num_clients=d.num_clients, num_features=d.num_features,
+            mean_examples=d.mean_examples, size_sigma=d.size_sigma,
+            min_examples=d.min_examples, feature_shift=d.feature_shift,
+            label_noise=d.label_noise, seed=config.seed)
+        train, test = fdata.split_examples(pop, d.test_fraction, split_rng)
+    elif isinstance(d, FedProxSyntheticData):
+        pop = fdata.fedprox_synthetic(alpha=d.alpha, beta=d.beta, iid=d.iid,
+                                      num_clients=d.num_clients, num_features=d.num_features,
+                                      num_classes=d.num_classes, seed=config.seed)
+        train, test = fdata.split_examples(pop, d.test_fraction, split_rng)
+    elif isinstance(d, NpzData):
+        k = config.num_classes
+        if d.test_path:
+            train = fdata.load_npz(d.path, num_classes=k)
+            test = fdata.load_npz(d.test_path, num_classes=k, allow_empty=True,
+                                  require_client=False)
+            if test.feature_shape != train.feature_shape:
+                raise ValueError(f"{d.test_path}: feature shape {test.feature_shape} differs "
+                                 f"from {d.path}'s {train.feature_shape}")
+        else:
+            train, test = fdata.split_examples(fdata.load_npz(d.path, num_classes=k),
+                                               d.test_fraction, split_rng)
+    else:  # pragma: no cover -- config validation rules this out
+        raise TypeError(type(d))
+    fdata.check_cohort_size(train, config.algorithm.clients_per_round)
+    return train, test
+
+
+def build_model(config: Config, feature_shape: tuple[int, ...]) -> Model:
+    num_features = int(np.prod(feature_shape))
+    if config.model.kind == "logistic_regression":
+        return logistic_regression(num_features)
+    return multinomial_logistic_regression(num_features, config.model.num_classes)
+
+
+def build_optimizer(opt: OptimizerConfig) -> optax.GradientTransformation:
+    return getattr(optax, opt.name)(**opt.kwargs)
+
+
+def engine_options(engine: EngineConfig) -> EngineOptions:
+    chunk = engine.chunk_size
+    if chunk == "auto":
+        chunk = 16 if jax.default_backend() == "cpu" else None
+    elif chunk == "all":
+        chunk = None
+    return EngineOptions(chunk_size=chunk, unroll=engine.unroll)
+
+
+def build_algorithm(config: Config, model: Model) -> FederatedAlgorithm:
+    a = config.algorithm
+    return fedavg(model, client_optimizer=build_optimizer(a.client_optimizer),
+                  server_optimizer=build_optimizer(a.server_optimizer),
+                  local_epochs=a.local_epochs, batch_size=a.batch_size,
+                  weighting=a.weighting, engine=engine_options(config.engine))

@@ -1,0 +1,101 @@
+"""Run outputs: metrics.jsonl, summary.json, params.npz, curves.png."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+TIMING_KEYS = ("wall_s", "clients_per_s", "round_s")
+
+
+def _clean(value: Any):
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; on resume, drops rows after ``keep_until``."""
+
+    def __init__(self, path: str, keep_until: int | None = None):
+        self.path = path
+        if keep_until is None:
+            open(path, "w").close()
+        else:
+            rows = read_metrics(path) if os.path.exists(path) else []
+            with open(path, "w") as f:
+                for row in rows:
+                    if row["round"] <= keep_until:
+                        f.write(json.dumps(row) + "\n")
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({k: _clean(v) for k, v in obj.items()}, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_params(path: str, params) -> None:
+    """Saves a parameter pytree as .npz, keys = pytree paths (e.g. ``w``, ``Dense_0/kernel``)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    arrays = {"/".join(_key_name(k) for k in path_): np.asarray(leaf) for path_, leaf in flat}
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def plot_curves(path: str, rows: list[dict], title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("eval_loss", "eval loss"), ("train_loss", "train loss (local steps)")):
+        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            axes[0].plot(*zip(*pts), marker=".", label=label)
+    axes[0].set_xlabel("round"); axes[0].set_ylabel("loss"); axes[0].legend()
+    for key, label in (("eval_accuracy", "example-weighted"),
+                       ("eval_accuracy_client_mean", "client mean")):
+        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            axes[1].plot(*zip(*pts), marker=".", label=label)
+    axes[1].set_xlabel("round"); axes[1].set_ylabel("eval accuracy"); axes[1].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if rounds:
+            ax.set_xlim(min(rounds), max(rounds))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,195 @@
+"""Runs one experiment: data -> compiled round -> rounds loop -> outputs.
+
+Per-round randomness: ``init_key, run_key = split(key(seed))``; round r (0-based) uses
+``fold_in(run_key, r)``, so a resumed run replays exactly the rounds an uninterrupted
+one would.
+
+Outputs in ``out_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (round 0, every
+``eval_every`` rounds and the last round), ``summary.json``, ``curves.png``,
+``params.npz``, ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+
+import jax
+import yaml
+
+from fedjax_lite.core import build_evaluate, build_round, round_key
+from fedjax_lite.experiment import config as cfg
+from fedjax_lite.experiment.builders import (build_algorithm, build_data, build_model,
+                                             engine_options)
+from fedjax_lite.experiment.checkpoint import Checkpointer
+from fedjax_lite.experiment.outputs import (MetricsWriter, plot_curves, read_metrics,
+                                            save_params, write_json)
+
+
+class DataError(ValueError):
+    """Bad input data (file, client, example named in the message)."""
+
+
+class DivergenceError(RuntimeError):
+    """A non-finite loss; the last good state is checkpointed before this is raised."""
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _first_difference(va, vb, f"{prefix}{k}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{k} ({va!r} in the saved run, {vb!r} now)"
+    return None
+
+
+def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
+        progress: bool = True) -> dict:
+    """Runs ``config``, writing outputs to ``out_dir``; returns the summary dict.
+
+    Raises:
+      ConfigError (bad config / resume mismatch), DataError (bad data),
+      DivergenceError (non-finite loss), FileNotFoundError (missing files).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    config_path = os.path.join(out_dir, "config.yaml")
+    resolved = cfg.to_dict(config)
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"))
+    if resume:
+        if not os.path.exists(config_path) or ckpt.latest_round() is None:
+            raise cfg.ConfigError(f"--resume: no checkpoint to resume from in {out_dir}")
+        saved = cfg.to_dict(cfg.parse(cfg.load_raw(config_path)))
+        diff = _first_difference(saved, resolved)
+        if diff:
+            raise cfg.ConfigError(f"--resume: config differs from {config_path}: {diff}")
+
+    try:
+        train, test = build_data(config)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(str(e)) from e
+    model = build_model(config, train.feature_shape)
+    algorithm = build_algorithm(config, model)
+    with open(config_path, "w") as f:
+        yaml.safe_dump(resolved, f, sort_keys=False)
+
+    C = config.algorithm.clients_per_round
+    init_key, run_key = jax.random.split(jax.random.key(config.seed))
+    state = algorithm.init(model.init(init_key))
+    population = jax.device_put(train.arrays())
+    test_data = jax.device_put(test.arrays())
+    eval_chunk = engine_options(config.engine).chunk_size
+    eval_chunk = None if eval_chunk is None else 4 * eval_chunk
+
+    t0 = time.perf_counter()
+    round_fn = jax.jit(build_round(algorithm, num_clients=train.num_clients,
+                                   clients_per_round=C)).lower(
+        state, population, round_key(run_key, 0)).compile()
+    evaluate = jax.jit(build_evaluate(model, eval_chunk)).lower(
+        state.params, test_data).compile()
+    compile_s = time.perf_counter() - t0
+
+    start, elapsed_before = 0, 0.0
+    writer_keep = None
+    if resume:
+        start, state, _, meta = ckpt.restore(state, run_key)
+        elapsed_before = float(meta.get("wall_s", 0.0))
+        writer_keep = start
+    writer = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), keep_until=writer_keep)
+    t_start = time.perf_counter()
+
+    def wall() -> float:
+        return elapsed_before + time.perf_counter() - t_start
+
+    def save(round_num: int, st) -> None:
+        ckpt.save(round_num, st, run_key, {"round": round_num, "wall_s": wall(),
+                                           "seed": config.seed})
+
+    def eval_row(round_num: int, st, window: dict) -> dict:
+        ev = {k: float(v) for k, v in evaluate(st.params, test_data).items()}
+        if not math.isfinite(ev["eval_loss"]):
+            raise DivergenceError(f"non-finite eval loss at round {round_num}")
+        row = {"round": round_num,
+               "train_loss": (window["loss"] / window["rounds"]) if window["rounds"] else None,
+               **ev, "wall_s": wall(),
+               "clients_per_s": (C * window["rounds"] / window["time"]) if window["rounds"]
+               else None,
+               "round_s": (window["time"] / window["rounds"]) if window["rounds"] else None}
+        writer.write(row)
+        return row
+
+    window = {"loss": 0.0, "rounds": 0, "time": 0.0}
+    total = {"rounds": 0, "time": 0.0}
+    last_row = None
+    if start == 0:
+        last_row = eval_row(0, state, window)
+    bar = _progress(config.rounds, start, progress)
+    last_saved = start if resume else None
+    try:
+        for r in range(start, config.rounds):
+            t = time.perf_counter()
+            new_state, metrics = round_fn(state, population, round_key(run_key, r))
+            loss = float(metrics["train_loss"])
+            jax.block_until_ready(new_state)
+            dt = time.perf_counter() - t
+            if not math.isfinite(loss):
+                save(r, state)
+                raise DivergenceError(
+                    f"non-finite training loss in round {r + 1}; stopped, the last good "
+                    f"state (after round {r}) is checkpointed in {ckpt.directory}")
+            state, done = new_state, r + 1
+            window = {"loss": window["loss"] + loss, "rounds": window["rounds"] + 1,
+                      "time": window["time"] + dt}
+            total = {"rounds": total["rounds"] + 1, "time": total["time"] + dt}
+            if done % config.eval_every == 0 or done == config.rounds:
+                last_row = eval_row(done, state, window)
+                window = {"loss": 0.0, "rounds": 0, "time": 0.0}
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{last_row['eval_accuracy']:.4f}",
+                                cps=f"{C / dt:,.0f}", refresh=False)
+            if config.checkpoint_every and done % config.checkpoint_every == 0:
+                save(done, state)
+                last_saved = done
+            bar.update(1)
+    finally:
+        bar.close()
+    if last_saved != config.rounds:
+        save(config.rounds, state)
+    ckpt.close()
+
+    save_params(os.path.join(out_dir, "params.npz"), state.params)
+    rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    last_row = rows[-1] if rows else last_row
+    summary = {
+        "rounds": config.rounds,
+        "final": dict(last_row or {}),
+        "wall_s": wall(),
+        "clients_per_s": (C * total["rounds"] / total["time"]) if total["rounds"] else None,
+        "compile_s": compile_s,
+        "seed": config.seed,
+        "clients_per_round": C,
+        "num_clients": train.num_clients,
+        "num_train_examples": train.num_examples,
+        "num_test_examples": test.num_examples,
+        "resumed_from_round": start if resume else None,
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "python": platform.python_version(),
+    }
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    plot_curves(os.path.join(out_dir, "curves.png"), rows,
+                title=f"{config.algorithm.name} on {config.data.kind}")
+    return summary
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="rounds",
+                unit="round", dynamic_ncols=True, mininterval=0.5)
+
+
+__all__ = ["DataError", "DivergenceError", "run"]
