@@ -136,6 +136,20 @@ def from_flat(x: np.ndarray, y: np.ndarray, client: np.ndarray, *,
     if client.ndim != 1 or not np.issubdtype(client.dtype, np.integer):
         raise ValueError(f"{source}: 'client' must be a 1-D integer array, got "
                          f"{client.dtype}{list(client.shape)}")
+    # Check per row first, so messages point at the row of the file as well.
+    if len(x) and np.issubdtype(x.dtype, np.number):
+        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+        if bad.size:
+            r = int(bad[0])
+            raise ValueError(f"{source}: client {client[r]}: non-finite feature (NaN or inf) "
+                             f"in row {r}")
+    if len(y) and np.issubdtype(y.dtype, np.number):
+        out = (y < 0) | ((y >= num_classes) if num_classes is not None else False)
+        if out.any():
+            r = int(np.argmax(out))
+            allowed = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+            raise ValueError(f"{source}: client {client[r]}: label {y[r]} in row {r} is out "
+                             f"of range, expected {allowed}")
     order = np.argsort(client, kind="stable")
     ids, starts = np.unique(client[order], return_index=True)
     bounds = list(starts) + [len(order)]

@@ -218,6 +218,9 @@ def _dataclass(cls, raw: Any, prefix: str):
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
+        if hints[name] is OptimizerConfig and isinstance(value, dict) and "name" not in value:
+            default = fields[name].default  # partial override: keep the default optimizer
+            value = {"name": default.name, **default.kwargs, **value}
         if name == "data":
             value = _tagged(DATA_KINDS, value, key, "kind")
         elif name == "model":

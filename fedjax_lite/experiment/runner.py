@@ -95,9 +95,11 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
 
     start, elapsed_before = 0, 0.0
     writer_keep = None
+    window = {"loss": 0.0, "rounds": 0, "time": 0.0}
     if resume:
         start, state, _, meta = ckpt.restore(state, run_key)
         elapsed_before = float(meta.get("wall_s", 0.0))
+        window = dict(meta.get("window", window))
         writer_keep = start
     writer = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), keep_until=writer_keep)
     t_start = time.perf_counter()
@@ -105,9 +107,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     def wall() -> float:
         return elapsed_before + time.perf_counter() - t_start
 
-    def save(round_num: int, st) -> None:
+    def save(round_num: int, st, window: dict) -> None:
+        # the metrics window travels with the state, so a resumed run writes the same rows
         ckpt.save(round_num, st, run_key, {"round": round_num, "wall_s": wall(),
-                                           "seed": config.seed})
+                                           "seed": config.seed, "window": window})
 
     def eval_row(round_num: int, st, window: dict) -> dict:
         ev = {k: float(v) for k, v in evaluate(st.params, test_data).items()}
@@ -122,7 +125,6 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         writer.write(row)
         return row
 
-    window = {"loss": 0.0, "rounds": 0, "time": 0.0}
     total = {"rounds": 0, "time": 0.0}
     last_row = None
     if start == 0:
@@ -137,7 +139,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             jax.block_until_ready(new_state)
             dt = time.perf_counter() - t
             if not math.isfinite(loss):
-                save(r, state)
+                save(r, state, window)
                 raise DivergenceError(
                     f"non-finite training loss in round {r + 1}; stopped, the last good "
                     f"state (after round {r}) is checkpointed in {ckpt.directory}")
@@ -151,13 +153,13 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{last_row['eval_accuracy']:.4f}",
                                 cps=f"{C / dt:,.0f}", refresh=False)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
-                save(done, state)
+                save(done, state, window)
                 last_saved = done
             bar.update(1)
     finally:
         bar.close()
     if last_saved != config.rounds:
-        save(config.rounds, state)
+        save(config.rounds, state, window)
     ckpt.close()
 
     save_params(os.path.join(out_dir, "params.npz"), state.params)

@@ -1,0 +1,103 @@
+"""Shared test fixtures: independent float64 NumPy references for local training.
+
+The references never call fedjax_lite; they take the example orders (from
+``epoch_orders``) as an input, like the engine does.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+
+def np_loss_and_grads(kind: str, params: dict, xb: np.ndarray, yb: np.ndarray):
+    """Mean loss over the batch and its gradient, float64.
+
+    kind 'binary': sigmoid BCE, params w[d], b[]; 'multinomial': softmax CE, w[d, C], b[C].
+    """
+    xb = np.asarray(xb, np.float64).reshape(len(xb), -1)
+    w, b = params["w"], params["b"]
+    z = xb @ w + b
+    k = len(xb)
+    if kind == "binary":
+        yf = yb.astype(np.float64)
+        losses = np.logaddexp(0.0, z) - yf * z
+        g = 1.0 / (1.0 + np.exp(-z)) - yf
+    elif kind == "multinomial":
+        zmax = z.max(axis=1, keepdims=True)
+        lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
+        losses = lse - z[np.arange(k), yb]
+        g = np.exp(z - lse[:, None])
+        g[np.arange(k), yb] -= 1.0
+    else:
+        raise ValueError(kind)
+    return losses.mean(), {"w": xb.T @ g / k, "b": g.mean(axis=0)}
+
+
+class NumpyOptimizer:
+    """sgd / sgd with (heavy-ball, optax-style trace) momentum / adam, float64."""
+
+    def __init__(self, name: str, lr: float, momentum: float = 0.0, b1: float = 0.9,
+                 b2: float = 0.999, eps: float = 1e-8):
+        self.name, self.lr, self.momentum = name, lr, momentum
+        self.b1, self.b2, self.eps = b1, b2, eps
+
+    def init(self, params):
+        zeros = {k: np.zeros_like(v, dtype=np.float64) for k, v in params.items()}
+        return {"t": 0, "m": dict(zeros), "v": {k: v.copy() for k, v in zeros.items()}}
+
+    def step(self, params, grads, state):
+        """Returns (new params, new state)."""
+        out = {}
+        state = {"t": state["t"] + 1, "m": dict(state["m"]), "v": dict(state["v"])}
+        t = state["t"]
+        for k in params:
+            g = grads[k]
+            if self.name == "sgd":
+                if self.momentum:
+                    state["m"][k] = g + self.momentum * state["m"][k]  # optax.trace
+                    g = state["m"][k]
+                out[k] = params[k] - self.lr * g
+            elif self.name == "adam":
+                state["m"][k] = self.b1 * state["m"][k] + (1 - self.b1) * g
+                state["v"][k] = self.b2 * state["v"][k] + (1 - self.b2) * g * g
+                m_hat = state["m"][k] / (1 - self.b1 ** t)
+                v_hat = state["v"][k] / (1 - self.b2 ** t)
+                out[k] = params[k] - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+            else:
+                raise ValueError(self.name)
+        return out, state
+
+
+def np_local_train(kind: str, opt: NumpyOptimizer, params: dict, x, y, n: int, orders, *,
+                   epochs: int, batch_size: int):
+    """One client's minibatch training on its ``n`` real examples: epoch e visits
+    ``orders[e][:n]`` in consecutive batches of ``batch_size`` (the last one partial).
+    Returns (params, (loss_sum, examples, steps)); loss_sum sums batch loss x batch size,
+    the loss taken before each step."""
+    params = {k: np.array(v, np.float64) for k, v in params.items()}
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y)
+    orders = np.asarray(orders)
+    state = opt.init(params)
+    loss_sum, examples, steps = 0.0, 0, 0
+    for e in range(epochs):
+        perm = orders[e][:n]
+        assert sorted(perm.tolist()) == list(range(n)), "orders must permute the real ones"
+        for s in range(0, n, batch_size):
+            idx = perm[s:s + batch_size]
+            loss, grads = np_loss_and_grads(kind, params, x[idx], y[idx])
+            params, state = opt.step(params, grads, state)
+            loss_sum += loss * len(idx)
+            examples += len(idx)
+            steps += 1
+    return params, (loss_sum, examples, steps)
+
+
+@pytest.fixture(scope="session")
+def numpy_reference():
+    """Independent float64 NumPy references (see this module)."""
+    return SimpleNamespace(loss_and_grads=np_loss_and_grads, Optimizer=NumpyOptimizer,
+                           local_train=np_local_train)

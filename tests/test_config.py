@@ -1,0 +1,108 @@
+"""Config validation: every bad input is one ConfigError line naming the key."""
+
+import pytest
+import yaml
+
+from fedjax_lite.experiment import config as cfg
+
+
+def parse(raw):
+    return cfg.parse(raw)
+
+
+def test_defaults_and_round_trip():
+    c = parse({"seed": 3, "rounds": 7})
+    assert c.seed == 3 and c.rounds == 7 and c.algorithm.name == "fedavg"
+    assert parse(cfg.to_dict(c)) == c
+    # what config.yaml holds must survive YAML and parse back identically
+    assert parse(yaml.safe_load(yaml.safe_dump(cfg.to_dict(c)))) == c
+
+
+def test_yaml_scientific_notation_strings_are_numbers():
+    raw = yaml.safe_load("""
+algorithm:
+  client_optimizer: {name: adam, learning_rate: 1e-3}
+  server_optimizer: {name: sgd, learning_rate: 1e0}
+data: {kind: fedprox_synthetic, alpha: 5e-1, beta: 1e0}
+model: {kind: multinomial_logistic_regression, num_classes: 10}
+""")
+    assert raw["algorithm"]["client_optimizer"]["learning_rate"] == "1e-3"  # PyYAML quirk
+    c = parse(raw)
+    assert c.algorithm.client_optimizer.kwargs["learning_rate"] == pytest.approx(1e-3)
+    assert c.algorithm.server_optimizer.kwargs["learning_rate"] == 1.0
+    assert c.data.alpha == 0.5 and c.data.beta == 1.0
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"foo": 1}, r"unknown config key 'foo'; allowed keys: algorithm, checkpoint_every"),
+    ({"algorithm": {"local_epoch": 1}}, r"unknown config key 'algorithm.local_epoch'"),
+    ({"rounds": 0}, r"config key 'rounds': got 0, expected a positive integer"),
+    ({"rounds": "ten"}, r"config key 'rounds': got 'ten', expected an integer"),
+    ({"rounds": True}, r"config key 'rounds'"),
+    ({"algorithm": {"batch_size": -4}}, r"'algorithm.batch_size': got -4"),
+    ({"algorithm": {"weighting": "clients"}}, r"'algorithm.weighting'.*'examples', 'uniform'"),
+    ({"algorithm": {"name": "fedfoo"}}, r"'algorithm.name'.*'fedavg'"),
+    ({"data": {"kind": "mnist"}}, r"'data.kind': unknown data kind 'mnist'; allowed: "
+                                  r"fedprox_synthetic, npz, synthetic_logistic"),
+    ({"data": {"num_clients": 3}}, r"'data.kind' is required"),
+    ({"data": {"kind": "synthetic_logistic", "alpha": 1}}, r"unknown config key 'data.alpha'"),
+    ({"data": {"kind": "npz"}}, r"'data.path' is required"),
+    ({"data": {"kind": "synthetic_logistic", "test_fraction": 1.5}},
+     r"'data.test_fraction': got 1.5, expected a number in \[0, 1\)"),
+    ({"model": {"kind": "mlp"}}, r"'model.kind': unknown model kind 'mlp'"),
+    ({"algorithm": {"client_optimizer": {"name": "adamz", "learning_rate": 1}}},
+     r"'algorithm.client_optimizer.name': unknown optimizer 'adamz'; allowed: .*adam"),
+    ({"algorithm": {"client_optimizer": {"name": "sgd", "lr": 0.1}}},
+     r"'algorithm.client_optimizer.lr': optax.sgd has no argument 'lr'"),
+    ({"algorithm": {"server_optimizer": {"name": "adam"}}},
+     r"'algorithm.server_optimizer': optax.adam needs learning_rate"),
+    ({"algorithm": {"server_optimizer": {"name": "sgd", "learning_rate": -1}}},
+     r"'algorithm.server_optimizer.learning_rate': got -1"),
+    ({"algorithm": {"client_optimizer": "sgd"}}, r"'algorithm.client_optimizer': expected a "
+                                                 r"mapping with 'name'"),
+    ({"data": {"kind": "fedprox_synthetic"}, "model": {"kind": "logistic_regression"}},
+     r"'model.kind': logistic_regression is binary"),
+    ({"engine": {"chunk_size": 0}}, r"'engine.chunk_size'"),
+])
+def test_errors_name_the_key(raw, match):
+    with pytest.raises(cfg.ConfigError, match=match) as info:
+        parse(raw)
+    assert "\n" not in str(info.value)
+
+
+def test_load_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rounds: 5\nalgorithm: {clients_per_round: 4}\n")
+    c = cfg.load(str(path), ["algorithm.local_epochs=3", "seed=9",
+                             "algorithm.client_optimizer.learning_rate=2e-2",
+                             "data.kind=fedprox_synthetic", "data.alpha=0.5",
+                             "model.kind=multinomial_logistic_regression"])
+    assert (c.rounds, c.seed, c.algorithm.local_epochs, c.algorithm.clients_per_round) == (5, 9, 3, 4)
+    assert c.algorithm.client_optimizer.kwargs["learning_rate"] == pytest.approx(0.02)
+    assert c.data.alpha == 0.5
+    with pytest.raises(cfg.ConfigError, match="unknown config key 'algorithm.epochs'"):
+        cfg.load(str(path), ["algorithm.epochs=3"])
+    with pytest.raises(cfg.ConfigError, match="expected key.path=value"):
+        cfg.load(str(path), ["rounds"])
+    with pytest.raises(cfg.ConfigError, match="'rounds' is not a mapping"):
+        cfg.load(str(path), ["rounds.x=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="config file not found: .*nope.yaml"):
+        cfg.load(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1, 2\n")
+    with pytest.raises(cfg.ConfigError, match="bad.yaml: not valid YAML"):
+        cfg.load(str(bad))
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(cfg.ConfigError, match="expected a mapping at the top level"):
+        cfg.load(str(lst))
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("rounds: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(cfg.ConfigError, match="not valid YAML"):
+        cfg.load(str(evil))
