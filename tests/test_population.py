@@ -182,7 +182,7 @@ def test_from_flat_errors():
     with pytest.raises(ValueError, match="'client' must be a 1-D integer array"):
         from_flat(x, y, np.zeros(4, np.float32))
     bad_y = np.array([0, 1, 5, 0])
-    with pytest.raises(ValueError, match=r"client 12: label 5 of example 0"):
+    with pytest.raises(ValueError, match=r"client 12: label 5 .*out of range"):
         from_flat(x, bad_y, np.array([3, 3, 12, 12]), num_classes=2)
 
 
@@ -243,6 +243,19 @@ def test_property_split_examples_partitions_each_client(data, frac, seed):
         np.testing.assert_array_equal(labels[order], ys[k])
 
 
+def test_split_examples_rejects_fraction_out_of_range():
+    pop = from_ragged([np.arange(8, dtype=np.float32).reshape(4, 2)], [np.array([0, 1, 0, 1])])
+    for bad in (-0.5, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"test_fraction={bad} must be in \[0, 1\)"):
+            split_examples(pop, bad, np.random.default_rng(0))
+
+
+def test_duplicate_client_ids_rejected():
+    xs, ys = _ragged([2, 3])
+    with pytest.raises(ValueError, match="client id 3 appears more than once"):
+        from_ragged(xs, ys, client_ids=[3, 3])
+
+
 def test_split_examples_is_deterministic_for_a_seed():
     xs, ys = _ragged([5, 6, 7])
     pop = from_ragged(xs, ys)
@@ -263,6 +276,12 @@ def test_check_cohort_size():
     with pytest.raises(ValueError, match=r"clients_per_round=4 is larger than the "
                                          r"population \(3 clients\)"):
         check_cohort_size(pop, 4)
+
+
+def test_check_cohort_size_rejects_non_positive():
+    pop = from_ragged(*_ragged([1, 2, 3]))
+    with pytest.raises(ValueError, match="clients_per_round=0 must be at least 1"):
+        check_cohort_size(pop, 0)
 
 
 def test_host_sample_cohort():

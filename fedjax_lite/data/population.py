@@ -88,6 +88,10 @@ def from_ragged(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], *,
     ids = np.arange(len(xs)) if client_ids is None else np.asarray(client_ids)
     if len(ids) != len(xs):
         raise ValueError(f"{source}: {len(ids)} client ids for {len(xs)} clients")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{source}: client id {unique[np.argmax(counts > 1)]} appears more "
+                         "than once")
     feature_shape = None
     for cid, x, y in zip(ids, xs, ys):
         x, y = np.asarray(x), np.asarray(y)
@@ -163,6 +167,8 @@ def split_examples(pop: Population, test_fraction: float,
                    rng: np.random.Generator) -> tuple[Population, Population]:
     """Splits every client's examples into train and test parts (each client keeps at
     least one training example; clients with one example have no test examples)."""
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction} must be in [0, 1)")
     xs_tr, ys_tr, xs_te, ys_te = [], [], [], []
     for k in range(pop.num_clients):
         nk = int(pop.n[k])
@@ -176,6 +182,8 @@ def split_examples(pop: Population, test_fraction: float,
 
 
 def check_cohort_size(pop: Population, clients_per_round: int) -> None:
+    if clients_per_round < 1:
+        raise ValueError(f"clients_per_round={clients_per_round} must be at least 1")
     if clients_per_round > pop.num_clients:
         raise ValueError(f"clients_per_round={clients_per_round} is larger than the "
                          f"population ({pop.num_clients} clients)")
