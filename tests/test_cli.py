@@ -192,8 +192,10 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed_from_round"] >= 30
 
-    # the uninterrupted reference, in this process
-    assert main(["run", path, "--out", str(tmp_path / "full"), "--no-progress"]) == 0
+    # the uninterrupted reference, also a fresh process (same devices as the killed run)
+    full = subprocess.run(_cli("run", path, "--out", str(tmp_path / "full"), "--no-progress"),
+                          env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
     a, b = np.load(killed / "params.npz"), np.load(tmp_path / "full" / "params.npz")
     for k in a.files:
         assert a[k].tobytes() == b[k].tobytes(), k

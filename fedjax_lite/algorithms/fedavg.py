@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.core.aggregators import Aggregator, mean
-from fedjax_lite.core.local import local_train
+from fedjax_lite.core.local import local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
-                                    map_local_training)
+                                    local_training_chunk, map_cohort)
 from fedjax_lite.models.base import Model, masked_mean_loss
 
 
@@ -66,22 +66,23 @@ def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
         return ServerState(params, server_optimizer.init(params), aggregator.init(params),
                            jnp.zeros((), jnp.int32))
 
-    def client_update(server_params, x, y, n, orders):
-        def loss_fn(p, xb, yb, mb):
-            loss = masked_mean_loss(model, p, xb, yb, mb)
-            return loss, loss
+    def loss_fn(p, xb, yb, mb):
+        loss = masked_mean_loss(model, p, xb, yb, mb)
+        return loss, loss
 
-        params, stats = local_train(loss_fn, client_optimizer, server_params, x, y, n, orders,
-                                    local_epochs=local_epochs, batch_size=batch_size,
-                                    unroll=engine.unroll)
-        return jax.tree.map(jnp.subtract, params, server_params), stats
+    def client_update(server_params, x, y, n, orders):
+        """Clients k of a chunk: x_k <- ClientOpt epochs from x_t; Delta_k = x_k - x_t."""
+        params, stats = local_train_chunk(loss_fn, client_optimizer, server_params, x, y, n,
+                                          orders, local_epochs=local_epochs,
+                                          batch_size=batch_size, unroll=engine.unroll)
+        return jax.tree.map(lambda p, s: p - s, params, server_params), stats
 
     def apply(state: ServerState, cohort: Cohort, key: jax.Array):
         agg_key, train_key = jax.random.split(key)
         keys = client_keys(train_key, cohort.index)
-        deltas, stats = map_local_training(
-            lambda *a: client_update(state.params, *a), cohort.x, cohort.y, cohort.n, keys,
-            (), local_epochs=local_epochs, chunk_size=engine.chunk_size)
+        chunk_fn = local_training_chunk(lambda *a: client_update(state.params, *a),
+                                        local_epochs=local_epochs)
+        deltas, stats = map_cohort(chunk_fn, cohort, (keys,), engine)
         weights = (cohort.n.astype(jnp.float32) if weighting == "examples"
                    else jnp.ones(cohort.n.shape, jnp.float32))
         delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,

@@ -2,12 +2,12 @@
 
 from fedjax_lite.core.aggregators import Aggregator, mean, weighted_mean
 from fedjax_lite.core.evaluate import build_evaluate
-from fedjax_lite.core.local import LocalStats, local_train
+from fedjax_lite.core.local import LocalStats, local_train, local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, build_round,
-                                    client_keys, map_chunks, map_clients,
-                                    map_local_training, round_key)
+                                    client_keys, client_mesh, local_training_chunk,
+                                    make_cohort, map_cohort, round_key, sample_cohort)
 
 __all__ = ["Aggregator", "Cohort", "EngineOptions", "FederatedAlgorithm", "LocalStats",
-           "build_evaluate", "build_round", "client_keys", "local_train", "map_chunks",
-           "map_clients", "map_local_training",
-           "mean", "round_key", "weighted_mean"]
+           "build_evaluate", "build_round", "client_keys", "client_mesh", "local_train",
+           "local_train_chunk", "local_training_chunk", "make_cohort", "map_cohort", "mean",
+           "round_key", "sample_cohort", "weighted_mean"]

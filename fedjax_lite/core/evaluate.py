@@ -7,11 +7,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.core.round import map_clients
+from fedjax_lite.core.round import EngineOptions, make_cohort, map_cohort
 from fedjax_lite.models.base import Model
 
 
-def build_evaluate(model: Model, chunk_size: int | None = 64) -> Callable:
+def build_evaluate(model: Model, engine: EngineOptions = EngineOptions(chunk_size=256)
+                   ) -> Callable:
     """``evaluate(params, data) -> metrics`` over a population dict ``{x, y, n}``.
 
     Metrics: ``eval_loss`` / ``eval_accuracy`` -- means over the union of all test
@@ -28,8 +29,9 @@ def build_evaluate(model: Model, chunk_size: int | None = 64) -> Callable:
         return loss, correct
 
     def evaluate(params, data):
-        loss, correct = map_clients(lambda x, y, n: one_client(params, x, y, n),
-                                    (data["x"], data["y"], data["n"]), chunk_size)
+        everyone = make_cohort(data, jnp.arange(data["n"].shape[0]))
+        loss, correct = map_cohort(
+            jax.vmap(lambda x, y, n: one_client(params, x, y, n)), everyone, (), engine)
         n = data["n"].astype(jnp.float32)
         total = jnp.maximum(jnp.sum(n), 1.0)
         has = n > 0

@@ -1,17 +1,19 @@
-"""One client's local training, written for a single client (vmapped by the round).
+"""Local training: one client's step, written once, run for a chunk of clients.
 
-Epoch e draws a fresh permutation of the client's ``n`` real examples from its own key
-and walks it in minibatches of ``batch_size``: ``ceil(n / batch_size)`` steps, the last
-one possibly partial. The data are padded to a common length N, so every client scans
-over ``ceil(N / batch_size)`` step slots; slots past the client's own step count (and
-whole epochs past ``num_epochs``) are *skipped*: parameters and optimizer state are
-carried through unchanged, so a padded client ends exactly where it would unpadded,
-under any optax optimizer (momentum, Adam, schedules).
+Epoch e walks the client's example order (a random permutation of its ``n`` real
+examples, from :mod:`fedjax_lite.core.shuffle`) in minibatches of ``batch_size``:
+``ceil(n / batch_size)`` steps, the last possibly partial. Data are padded to a common
+length N, so every client scans over ``ceil(N / batch_size)`` step slots; slots past the
+client's own step count, and whole epochs past its ``num_epochs``, are *skipped*:
+parameters and optimizer state are carried through unchanged, so a padded client ends
+exactly where it would unpadded, under any optax optimizer (momentum, Adam, schedules).
 
-The example orders come from :func:`fedjax_lite.core.shuffle.epoch_orders` (computed
-for a chunk of clients at once, see there); they depend only on the client's key and
-``n``, never on N, so the shuffle is padding-invariant too (``tests/test_local.py``
-checks the whole update end to end).
+:func:`local_train_chunk` is the engine's loop: a ``lax.scan`` over epochs and steps
+whose body is ``jax.vmap`` of ONE client's step, and which gathers each step's
+minibatch rows itself. Steps outside and clients inside keeps a chunk's working set
+small and in cache on CPUs (measured 4-7x faster on this project's 2-core CPU than
+``vmap`` of a whole client's training); it is the same math as
+``vmap(local_train)``. :func:`local_train` is the one-client view.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import optax
 from jax import lax
 
 Params = Any
-# loss_fn(params, x[B, ...], y[B], mask[B]) -> (objective, data_loss): the objective is
-# differentiated (it may add a proximal or control-variate term); data_loss is reported.
-LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# loss_fn(params, x[B, ...], y[B], mask[B], *extra) -> (objective, data_loss): the
+# objective is differentiated (it may add a proximal or control-variate term); data_loss
+# is reported. ``extra`` are the client's own arrays (e.g. control variates).
+LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 class LocalStats(NamedTuple):
@@ -39,63 +42,87 @@ def tree_where(cond: jax.Array, a, b):
     return jax.tree.map(lambda u, v: jnp.where(cond, u, v), a, b)
 
 
-def local_train(loss_fn: LossFn, tx: optax.GradientTransformation, params: Params,
-                x: jax.Array, y: jax.Array, n: jax.Array, orders: jax.Array, *,
-                local_epochs: int, batch_size: int, num_epochs: jax.Array | None = None,
-                unroll: int = 1) -> tuple[Params, LocalStats]:
-    """Runs up to ``local_epochs`` epochs of minibatch training for ONE client.
+def local_train_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, params: Params,
+                      x: jax.Array, y: jax.Array, n: jax.Array, orders: jax.Array, *,
+                      local_epochs: int, batch_size: int,
+                      num_epochs: jax.Array | None = None, extra: tuple = (),
+                      unroll: int = 4) -> tuple[Params, LocalStats]:
+    """Local training of K clients, all starting from ``params``.
 
     Args:
       loss_fn: see :data:`LossFn`.
       tx: the client optimizer; its state starts fresh (``tx.init``) every round.
-      params: the starting (server) parameters.
-      x, y: the client's padded examples, [N, ...] and [N]; n: its real count (scalar).
-      orders: int32[local_epochs, N], the example order of each epoch (real examples
-        first), from :func:`~fedjax_lite.core.shuffle.epoch_orders`.
-      local_epochs: static upper bound on epochs; ``num_epochs`` (traced, <= it) lets a
-        client run fewer (stragglers). ``batch_size >= n`` means one full-batch step.
-      unroll: unroll factor of the step scan (a CPU speed knob, no effect on results).
+      params: the starting (server) parameters, shared by the K clients.
+      x, y, n: the clients' padded examples [K, N, ...], labels [K, N], counts int[K].
+      orders: int32[E, N, K] (client axis minor), epoch e's example order of each client,
+        real examples first (:func:`~fedjax_lite.core.shuffle.epoch_orders_lanes`).
+      local_epochs: E, the static number of epoch slots; ``num_epochs`` int[K] (<= E)
+        lets clients run fewer (stragglers). ``batch_size >= n``: one full-batch step.
+      extra: per-client pytrees with leading axis K, passed to ``loss_fn``.
+      unroll: unroll factor of the step scan (speed only).
 
     Returns:
-      (final params, LocalStats).
+      (params with leading axis K, LocalStats of int/float[K]).
     """
-    N = x.shape[0]
+    K, N = x.shape[:2]
+    E = local_epochs
     B = min(batch_size, N)
-    S = -(-N // B)  # step slots per epoch
-    pad = S * B - N
-    epochs_to_run = local_epochs if num_epochs is None else num_epochs
+    S = -(-N // B)                                    # step slots per epoch
+    if S * B > N:                                     # pad the orders to whole batches
+        orders = jnp.concatenate(
+            [orders, jnp.zeros((E, S * B - N, K), orders.dtype)], axis=1)
+    batches = orders.reshape(E, S, B, K).transpose(0, 1, 3, 2)        # [E, S, K, B]
+    real = jnp.arange(S * B).reshape(S, 1, B) < n[None, :, None]      # [S, K, B]
+    step_on = real[:, :, 0]                           # step s runs iff s*B < n: [S, K]
+    epochs_to_run = jnp.full_like(n, E) if num_epochs is None else num_epochs
+    rows = jnp.arange(K).reshape(K, 1)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    positions = jnp.arange(S * B).reshape(S, B)
-    real = positions < n                                   # [S, B] real slot in this epoch
-    step_active = real[:, 0]                               # step s runs iff s*B < n
 
-    def epoch(carry, inputs):
-        e, perm = inputs
-        if pad:
-            perm = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)])
-        xb = x[perm].reshape(S, B, *x.shape[1:])
-        yb = y[perm].reshape(S, B)
-        epoch_on = e < epochs_to_run
+    def client_step(p, opt_state, xb, yb, mb, on, *client_extra):
+        """ONE client's minibatch step (skipped when ``on`` is False)."""
+        (_, data_loss), grads = grad_fn(p, xb, yb, mb, *client_extra)
+        updates, new_opt_state = tx.update(grads, opt_state, p)
+        new_p = optax.apply_updates(p, updates)
+        k = jnp.where(on, jnp.sum(mb), 0).astype(jnp.float32)
+        stats = LocalStats(jnp.where(on, data_loss, 0.0) * k, k, on.astype(jnp.int32))
+        return tree_where(on, new_p, p), tree_where(on, new_opt_state, opt_state), stats
 
-        def step(carry, batch):
-            params, opt_state, stats = carry
-            xs, ys, ms, on = batch
-            on = on & epoch_on
-            (_, data_loss), grads = grad_fn(params, xs, ys, ms)
-            updates, new_opt_state = tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            k = jnp.where(on, jnp.sum(ms), 0).astype(jnp.float32)
-            stats = LocalStats(stats.loss_sum + jnp.where(on, data_loss, 0.0) * k,
-                               stats.examples + k, stats.steps + on.astype(jnp.int32))
-            return (tree_where(on, new_params, params),
-                    tree_where(on, new_opt_state, opt_state), stats), None
+    cohort_step = jax.vmap(client_step)
 
-        carry, _ = lax.scan(step, carry, (xb, yb, real, step_active), unroll=min(unroll, S))
-        return carry, None
+    def step(carry, inputs):
+        p, opt_state, stats, e = carry
+        batch, mb, on = inputs                        # [K, B], [K, B], [K]
+        on = on & (e < epochs_to_run)
+        p, opt_state, s = cohort_step(p, opt_state, x[rows, batch], y[rows, batch], mb, on,
+                                      *extra)
+        return (p, opt_state, jax.tree.map(jnp.add, stats, s), e), None
 
-    stats0 = LocalStats(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                        jnp.zeros((), jnp.int32))
-    carry = (params, tx.init(params), stats0)
-    epochs = (jnp.arange(local_epochs), orders)
-    (params, _, stats), _ = lax.scan(epoch, carry, epochs)
-    return params, stats
+    def epoch(carry, epoch_batches):
+        p, opt_state, stats, e = carry
+        (p, opt_state, stats, _), _ = lax.scan(step, (p, opt_state, stats, e),
+                                               (epoch_batches, real, step_on),
+                                               unroll=min(unroll, S))
+        return (p, opt_state, stats, e + 1), None
+
+    p0 = jax.tree.map(lambda a: jnp.broadcast_to(a, (K,) + a.shape), params)
+    zeros = jnp.zeros_like(n)    # derived from n, so it is device-varying under shard_map
+    stats0 = LocalStats(zeros.astype(jnp.float32), zeros.astype(jnp.float32), zeros)
+    carry = (p0, jax.vmap(tx.init)(p0), stats0, jnp.zeros((), jnp.int32))
+    (p, _, stats, _), _ = lax.scan(epoch, carry, batches)
+    return p, stats
+
+
+def local_train(loss_fn: LossFn, tx: optax.GradientTransformation, params: Params,
+                x: jax.Array, y: jax.Array, n: jax.Array, orders: jax.Array, *,
+                local_epochs: int, batch_size: int, num_epochs: jax.Array | None = None,
+                extra: tuple = (), unroll: int = 4) -> tuple[Params, LocalStats]:
+    """ONE client's local training: x [N, ...], y [N], n scalar, orders int32[E, N];
+    ``num_epochs`` scalar; ``extra`` the client's own pytrees. See
+    :func:`local_train_chunk`."""
+    one = lambda a: jnp.expand_dims(a, 0)
+    p, stats = local_train_chunk(
+        loss_fn, tx, params, one(x), one(y), jnp.reshape(n, (1,)),
+        jnp.expand_dims(orders, -1), local_epochs=local_epochs, batch_size=batch_size,
+        num_epochs=None if num_epochs is None else jnp.reshape(num_epochs, (1,)),
+        extra=jax.tree.map(one, extra), unroll=unroll)
+    return jax.tree.map(lambda a: a[0], (p, stats))

@@ -4,13 +4,13 @@
 
 1. sample: ``clients_per_round`` population rows, uniformly without replacement, from a
    key that depends only on (seed, round) -- every algorithm sees the same cohorts;
-2. gather: the cohort's rows of the device-resident population (array indexing);
-3. ``algorithm.apply``: local training for every cohort client (one client's code,
-   vmapped over cache-sized chunks of clients by :func:`map_clients`), aggregation and
-   the server optimizer step.
+2. ``algorithm.apply(state, cohort, key)``: local training for every cohort client
+   (:func:`map_cohort` runs the algorithm's chunk function over cache-sized chunks of
+   the cohort, each chunk gathering its own rows of the device-resident population, the
+   chunks optionally sharded over devices), aggregation and the server optimizer step.
 
 Algorithms (``fedjax_lite.algorithms``) build the ``(init, apply)`` pair; this module
-owns sampling, gathering and the client map, so they stay the same for all of them.
+owns sampling, chunking and sharding, so they are the same for all of them.
 """
 
 from __future__ import annotations
@@ -20,18 +20,23 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh, PartitionSpec
 
-from fedjax_lite.core.shuffle import epoch_orders
+from fedjax_lite.core.shuffle import epoch_orders_lanes
 
 State = Any
+CLIENT_AXIS = "clients"
 
 
 class Cohort(NamedTuple):
-    """A cohort's data, leading axis = client. ``index`` = rows in the population."""
-    x: jax.Array      # float32[C, N, ...]
-    y: jax.Array      # int32[C, N]
-    n: jax.Array      # int32[C]
-    index: jax.Array  # int32[C]
+    """A round's cohort: rows ``index`` of the device-resident ``population``.
+
+    population: ``{'x': float32[K, N, ...], 'y': int32[K, N], 'n': int32[K]}``;
+    index: int32[C] sampled rows; n: int32[C] their example counts (the weights).
+    """
+    population: dict
+    index: jax.Array
+    n: jax.Array
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -42,54 +47,93 @@ class FederatedAlgorithm(NamedTuple):
 
 
 class EngineOptions(NamedTuple):
-    """Speed knobs that never change results beyond float reassociation.
+    """Speed knobs; results do not depend on them beyond float reassociation.
 
-    chunk_size: clients vmapped together; chunks run one after another (``lax.map``).
-      Small chunks keep the working set in cache on CPUs; None = the whole cohort at
-      once (what a GPU wants).
+    chunk_size: clients trained together (vmapped); chunks run one after another
+      (``lax.map``), so on CPUs a chunk's working set stays in cache. None = the whole
+      cohort at once (what a GPU wants).
     unroll: unroll factor of the local step scan.
+    mesh: a 1-D ``Mesh`` with axis ``'clients'``: the cohort is split over its devices
+      (``jax.shard_map``); the population must be replicated on them.
     """
-    chunk_size: int | None = 16
+    chunk_size: int | None = 64
     unroll: int = 4
+    mesh: Mesh | None = None
 
 
-def map_chunks(chunk_fn: Callable, args: tuple, chunk_size: int | None):
-    """Applies ``chunk_fn`` (written for a batch of clients, leading axis) to ``args``
-    ``chunk_size`` clients at a time, the chunks one after another inside the program
-    (``lax.map``), and concatenates the results. None = one chunk.
+def make_cohort(population: dict, index: jax.Array) -> Cohort:
+    index = index.astype(jnp.int32)
+    return Cohort(population, index, population["n"][index])
 
-    A last partial chunk is filled with copies of client 0 whose results are dropped,
-    so ``chunk_fn`` is compiled once.
+
+def _chunking(num: int, chunk_size: int | None, shards: int) -> tuple[int, int]:
+    """(chunks per shard, chunk size) covering ``num`` clients with the least padding."""
+    per_shard = -(-num // shards)
+    if chunk_size is None or chunk_size >= per_shard:
+        return 1, per_shard
+    chunks = -(-per_shard // chunk_size)
+    return chunks, -(-per_shard // chunks)
+
+
+def map_cohort(chunk_fn: Callable, cohort: Cohort, per_client: tuple,
+               options: EngineOptions):
+    """Runs ``chunk_fn(x, y, n, *per_client)`` over the cohort, a chunk at a time.
+
+    ``chunk_fn`` receives a chunk's clients (leading axis K): x [K, N, ...], y [K, N],
+    n int[K] and the matching slices of ``per_client`` (pytrees with leading axis C),
+    and returns a pytree with leading axis K. Each chunk gathers its own population
+    rows, so the cohort's data is never copied as a whole. The cohort is padded to whole
+    chunks (and shards) with clients of n = 0 whose results are dropped, so ``chunk_fn``
+    compiles once; a client with n = 0 takes no step.
+
+    Returns the concatenated outputs, leading axis C (cohort order).
     """
-    num = jax.tree.leaves(args)[0].shape[0]
-    if chunk_size is None or chunk_size >= num:
-        return chunk_fn(*args)
-    chunks = -(-num // chunk_size)
-    fill = chunks * chunk_size - num
-    pad = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], fill, axis=0)]) if fill else a
-    stacked = jax.tree.map(lambda a: pad(a).reshape(chunks, chunk_size, *a.shape[1:]), args)
-    out = lax.map(lambda a: chunk_fn(*a), stacked)
-    return jax.tree.map(lambda o: o.reshape(chunks * chunk_size, *o.shape[2:])[:num], out)
+    C = cohort.index.shape[0]
+    shards = 1 if options.mesh is None else options.mesh.devices.size
+    chunks, K = _chunking(C, options.chunk_size, shards)
+    padded = shards * chunks * K
+    pad = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], padded - C, axis=0)])
+    index = pad(cohort.index)
+    valid = jnp.arange(padded) < C
+    per_client = jax.tree.map(pad, per_client)
+
+    def run(population, index, valid, per_client):
+        def one_chunk(c):
+            sl = lambda a: lax.dynamic_slice_in_dim(a, c * K, K)
+            rows = sl(index)
+            take = lambda a: jnp.take(a, rows, axis=0, mode="clip")
+            n = jnp.where(sl(valid), take(population["n"]), 0)
+            return chunk_fn(take(population["x"]), take(population["y"]), n,
+                            *jax.tree.map(sl, per_client))
+
+        if chunks == 1:
+            return one_chunk(0)
+        out = lax.map(one_chunk, jnp.arange(chunks))
+        return jax.tree.map(lambda o: o.reshape(chunks * K, *o.shape[2:]), out)
+
+    if options.mesh is None:
+        out = run(cohort.population, index, valid, per_client)
+    else:
+        # check_vma=False: with the default, grad w.r.t. the replicated server params
+        # inside shard_map is summed over devices (../shared/PLATFORM.md); here every
+        # value is computed per device and nothing relies on implicit collectives.
+        spec = PartitionSpec(CLIENT_AXIS)
+        out = jax.shard_map(run, mesh=options.mesh,
+                            in_specs=(PartitionSpec(), spec, spec, spec), out_specs=spec,
+                            check_vma=False)(cohort.population, index, valid, per_client)
+    return jax.tree.map(lambda o: o[:C], out)
 
 
-def map_clients(fn: Callable, args: tuple, chunk_size: int | None):
-    """Applies ``fn`` (written for ONE client) to every client of ``args`` (leading
-    axis): ``jax.vmap(fn)(*args)``, evaluated ``chunk_size`` clients at a time."""
-    return map_chunks(jax.vmap(fn), args, chunk_size)
+def local_training_chunk(train_fn: Callable, *, local_epochs: int) -> Callable:
+    """Wraps ``train_fn(x, y, n, orders, *rest)`` into a chunk function for
+    :func:`map_cohort` whose first per-client input is the clients' PRNG keys: each
+    chunk draws its clients' per-epoch example orders (``core.shuffle``) from them."""
 
+    def chunk_fn(x, y, n, keys, *rest):
+        orders = epoch_orders_lanes(keys, n, x.shape[1], local_epochs)
+        return train_fn(x, y, n, orders, *rest)
 
-def map_local_training(fn: Callable, x: jax.Array, y: jax.Array, n: jax.Array,
-                       keys: jax.Array, extra: tuple, *, local_epochs: int,
-                       chunk_size: int | None):
-    """Runs ``fn(x, y, n, orders, *extra)`` (ONE client's local training) for every
-    client, drawing each client's per-epoch example orders from its key. The orders are
-    computed per chunk, for the chunk's clients together (see ``core.shuffle``)."""
-
-    def chunk_fn(x, y, n, keys, *extra):
-        orders = epoch_orders(keys, n, x.shape[1], local_epochs)
-        return jax.vmap(fn)(x, y, n, orders, *extra)
-
-    return map_chunks(chunk_fn, (x, y, n, keys, *extra), chunk_size)
+    return chunk_fn
 
 
 def client_keys(key: jax.Array, index: jax.Array) -> jax.Array:
@@ -99,13 +143,12 @@ def client_keys(key: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def sample_cohort(key: jax.Array, num_clients: int, clients_per_round: int) -> jax.Array:
-    """int32[C]: uniform sample without replacement of population rows."""
-    return jax.random.choice(key, num_clients, (clients_per_round,), replace=False)
-
-
-def gather_cohort(population: dict, index: jax.Array) -> Cohort:
-    return Cohort(population["x"][index], population["y"][index], population["n"][index],
-                  index.astype(jnp.int32))
+    """int32[C]: uniform sample without replacement of population rows (full
+    participation: every row, in order)."""
+    if clients_per_round == num_clients:
+        return jnp.arange(num_clients, dtype=jnp.int32)
+    return jax.random.choice(key, num_clients, (clients_per_round,),
+                             replace=False).astype(jnp.int32)
 
 
 def round_key(root: jax.Array, round_num) -> jax.Array:
@@ -122,7 +165,13 @@ def build_round(algorithm: FederatedAlgorithm, *, num_clients: int,
     def round_fn(state, population: dict, key: jax.Array):
         sample_key, train_key = jax.random.split(key)
         index = sample_cohort(sample_key, num_clients, clients_per_round)
-        cohort = gather_cohort(population, index)
-        return algorithm.apply(state, cohort, train_key)
+        return algorithm.apply(state, make_cohort(population, index), train_key)
 
     return round_fn
+
+
+def client_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all) with axis ``'clients'``."""
+    import numpy as np
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.array(devices), (CLIENT_AXIS,))

@@ -2,16 +2,18 @@
 
 Each (client, epoch) needs a uniformly random order of the client's ``n`` real
 examples, with padding after them, that does not depend on how far the client was
-padded. A comparison sort inside one vmapped client is slow on CPUs (XLA's sort runs a
+padded. A comparison sort inside one vmapped client is slow on CPUs (XLA's sort calls a
 comparator per element; ``jnp.argsort`` made a FedAvg round 5x slower than everything
-else together), so the orders are produced for many clients at once by a bitonic
-sorting network laid out with the client axis minor, where every compare-exchange is a
-wide vector operation -- on GPUs the same network is equally parallel.
+else together), so the orders of many clients are produced at once by a bitonic sorting
+network laid out with the client axis minor, where every compare-exchange is a wide
+vector min/max -- on GPUs the same network is equally parallel.
 
 Sort keys: one 32-bit seed per (client, epoch) from the client's threefry key, then a
-counter-based hash per example index ``i``: ``fmix32(seed ^ (i * 0x9E3779B9))``
-(the murmur3 finalizer, a bijection on 32-bit words, so distinct indices get distinct
-keys). Keys depend only on (seed, i), never on the padded length.
+counter-based hash of each example index ``i``: ``h(i) = fmix32(seed ^ (i * 0x9E3779B9))``
+with murmur3's finalizer. ``h`` is a bijection of ``i`` (xor-shifts and odd multiplies
+are invertible mod 2^32), so distinct examples get distinct keys, only the keys are
+sorted, and each sorted key is mapped back to its example index by inverting ``h``.
+Keys depend only on (seed, i), never on the padded length.
 """
 
 from __future__ import annotations
@@ -19,86 +21,91 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 _GOLDEN = np.uint32(0x9E3779B9)
+_C1, _C2 = 0x85EBCA6B, 0xC2B2AE35
+
+
+def _inverse_mod_2_32(a: int) -> np.uint32:
+    """Multiplicative inverse of an odd ``a`` modulo 2^32 (Newton's iteration)."""
+    x = 1
+    for _ in range(5):
+        x = (x * (2 - a * x)) & 0xFFFFFFFF
+    return np.uint32(x)
+
+
+_INV_C1, _INV_C2, _INV_GOLDEN = (_inverse_mod_2_32(_C1), _inverse_mod_2_32(_C2),
+                                 _inverse_mod_2_32(int(_GOLDEN)))
 
 
 def fmix32(h: jax.Array) -> jax.Array:
     """murmur3's 32-bit finalizer (Appleby, MurmurHash3): a bijective avalanche mix."""
     h = h ^ (h >> 16)
-    h = h * np.uint32(0x85EBCA6B)
+    h = h * np.uint32(_C1)
     h = h ^ (h >> 13)
-    h = h * np.uint32(0xC2B2AE35)
+    h = h * np.uint32(_C2)
     return h ^ (h >> 16)
 
 
-def _stages(M: int) -> tuple[np.ndarray, np.ndarray]:
-    """(k, j) of every compare-exchange stage of a bitonic network on M = 2^p items."""
-    ks, js = [], []
+def fmix32_inverse(h: jax.Array) -> jax.Array:
+    """The inverse of :func:`fmix32`."""
+    h = h ^ (h >> 16)
+    h = h * _INV_C2
+    h = h ^ (h >> 13) ^ (h >> 26)
+    h = h * _INV_C1
+    return h ^ (h >> 16)
+
+
+def _bitonic_sort_axis0(a: jax.Array) -> jax.Array:
+    """Sorts ``a`` [M, ...] ascending along axis 0 (M a power of two); trailing axes are
+    independent lanes. Batcher's bitonic network in the form whose comparators all point
+    the same way: merging blocks of size k first compares item t with item k-1-t (a
+    flip), then half-cleaners at distances k/4, k/8, ..., 1."""
+    M, rest = a.shape[0], a.shape[1:]
     k = 2
     while k <= M:
-        j = k // 2
+        r = a.reshape((M // k, k) + rest)
+        lo, hi = r[:, :k // 2], jnp.flip(r[:, k // 2:], 1)
+        a = jnp.concatenate([jnp.minimum(lo, hi), jnp.flip(jnp.maximum(lo, hi), 1)],
+                            1).reshape(a.shape)
+        j = k // 4
         while j >= 1:
-            ks.append(k)
-            js.append(j)
+            r = a.reshape((M // (2 * j), 2, j) + rest)
+            a = jnp.stack([jnp.minimum(r[:, 0], r[:, 1]), jnp.maximum(r[:, 0], r[:, 1])],
+                          1).reshape(a.shape)
             j //= 2
         k *= 2
-    return np.array(ks, np.int32), np.array(js, np.int32)
+    return a
 
 
-def _roll0(a: jax.Array, shift: jax.Array) -> jax.Array:
-    """``jnp.roll(a, shift, axis=0)`` for a traced shift in [0, M): one dynamic slice."""
-    M = a.shape[0]
-    return lax.dynamic_slice_in_dim(jnp.concatenate([a, a]), M - shift, M, axis=0)
-
-
-def _bitonic_sort_axis0(keys: jax.Array, values: jax.Array) -> jax.Array:
-    """Sorts ``keys`` [M, ...] ascending along axis 0 (M a power of two), carrying
-    ``values``; returns the values. Trailing axes are independent lanes.
-
-    Stage (k, j) compares item i with its partner i ^ j; in blocks where ``i & k == 0``
-    the pair is put in ascending order, elsewhere descending (Batcher 1968). The stages
-    run in a ``fori_loop`` (one compiled body), the partner read as a roll by +-j.
-    """
-    M = keys.shape[0]
-    if M == 1:
-        return values
-    ks, js = _stages(M)
-    index = jnp.arange(M, dtype=jnp.int32).reshape((M,) + (1,) * (keys.ndim - 1))
-
-    def stage(s, carry):
-        keys, values = carry
-        k, j = jnp.asarray(ks)[s], jnp.asarray(js)[s]
-        lower = (index & j) == 0                       # i is the lower item of its pair
-        up, down = _roll0(keys, M - j), _roll0(keys, j)  # items i + j and i - j
-        partner_key = jnp.where(lower, up, down)
-        partner_val = jnp.where(lower, _roll0(values, M - j), _roll0(values, j))
-        want_min = lower == ((index & k) == 0)
-        keep = jnp.where(want_min, keys <= partner_key, keys >= partner_key)
-        return jnp.where(keep, keys, partner_key), jnp.where(keep, values, partner_val)
-
-    return lax.fori_loop(0, len(ks), stage, (keys, values))[1]
+def epoch_orders_lanes(keys: jax.Array, n: jax.Array, num_examples: int,
+                       num_epochs: int) -> jax.Array:
+    """int32[E, N, K] (client axis minor): see :func:`epoch_orders`."""
+    N, E = num_examples, num_epochs
+    M = 1 << max(N - 1, 0).bit_length()                       # next power of two >= N
+    seeds = jax.vmap(lambda k: jax.random.bits(k, (E,), jnp.uint32))(keys).T   # [E, K]
+    index = jnp.arange(M, dtype=jnp.uint32).reshape(M, 1, 1)
+    hashed = fmix32(seeds[None] ^ (index * _GOLDEN))                          # [M, E, K]
+    n_u = n.astype(jnp.uint32)[None, None, :]
+    # Real keys are capped below the padding key; a real key hashing to 0xFFFFFFFF
+    # (probability 2^-32 per example) would then repeat one index in that epoch.
+    sort_keys = jnp.where(index < n_u, jnp.minimum(hashed, np.uint32(0xFFFFFFFE)),
+                          np.uint32(0xFFFFFFFF))
+    ranked = _bitonic_sort_axis0(sort_keys)[:N]                                # [N, E, K]
+    order = (fmix32_inverse(ranked) ^ seeds[None]) * _INV_GOLDEN              # h^-1
+    position = jnp.arange(N, dtype=jnp.uint32).reshape(N, 1, 1)
+    order = jnp.where(position < n_u, order, position)        # padding slots: any index
+    return jnp.transpose(jnp.minimum(order, np.uint32(N - 1)).astype(jnp.int32), (1, 0, 2))
 
 
 def epoch_orders(keys: jax.Array, n: jax.Array, num_examples: int,
                  num_epochs: int) -> jax.Array:
     """int32[K, E, N]: for client k and epoch e, a random order of ``0..n[k]-1`` in the
-    first ``n[k]`` positions; the remaining positions hold padding indices (in range).
+    first ``n[k]`` positions; the remaining positions hold in-range padding indices.
 
     Args:
       keys: [K] PRNG keys, one per client.
       n: int[K] real example counts.
       num_examples: N, the padded length; num_epochs: E.
     """
-    N, E = num_examples, num_epochs
-    M = 1 << max(N - 1, 0).bit_length()                       # next power of two >= N
-    seeds = jax.vmap(lambda k: jax.random.bits(k, (E,), jnp.uint32))(keys).T  # [E, K]
-    index = jnp.arange(M, dtype=jnp.uint32).reshape(M, 1, 1)
-    hashed = fmix32(seeds[None] ^ (index * _GOLDEN))                          # [M, E, K]
-    real = index < n.astype(jnp.uint32)[None, None, :]
-    sort_keys = jnp.where(real, jnp.minimum(hashed, np.uint32(0xFFFFFFFE)),
-                          np.uint32(0xFFFFFFFF))
-    values = jnp.broadcast_to(index.astype(jnp.int32), sort_keys.shape)
-    order = _bitonic_sort_axis0(sort_keys, values)[:N]                       # [N, E, K]
-    return jnp.minimum(jnp.transpose(order, (2, 1, 0)), N - 1)
+    return jnp.transpose(epoch_orders_lanes(keys, n, num_examples, num_epochs), (2, 0, 1))

@@ -9,7 +9,8 @@ import jax
 
 from fedjax_lite import data as fdata
 from fedjax_lite.algorithms import fedavg
-from fedjax_lite.core import EngineOptions, FederatedAlgorithm
+from fedjax_lite.core import EngineOptions, FederatedAlgorithm, client_mesh
+from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment.config import (Config, EngineConfig, FedProxSyntheticData,
                                            NpzData, OptimizerConfig, SyntheticLogisticData)
 from fedjax_lite.models import Model, logistic_regression, multinomial_logistic_regression
@@ -63,15 +64,21 @@ def build_optimizer(opt: OptimizerConfig) -> optax.GradientTransformation:
 def engine_options(engine: EngineConfig) -> EngineOptions:
     chunk = engine.chunk_size
     if chunk == "auto":
-        chunk = 16 if jax.default_backend() == "cpu" else None
+        chunk = 32 if jax.default_backend() == "cpu" else None
     elif chunk == "all":
         chunk = None
-    return EngineOptions(chunk_size=chunk, unroll=engine.unroll)
+    available = jax.local_devices()
+    count = len(available) if engine.devices == "auto" else engine.devices
+    if count > len(available):
+        raise cfg.ConfigError(f"config key 'engine.devices': {count} requested but only "
+                              f"{len(available)} available ({available[0].platform})")
+    mesh = client_mesh(available[:count]) if count > 1 else None
+    return EngineOptions(chunk_size=chunk, unroll=engine.unroll, mesh=mesh)
 
 
-def build_algorithm(config: Config, model: Model) -> FederatedAlgorithm:
+def build_algorithm(config: Config, model: Model, engine: EngineOptions) -> FederatedAlgorithm:
     a = config.algorithm
     return fedavg(model, client_optimizer=build_optimizer(a.client_optimizer),
                   server_optimizer=build_optimizer(a.server_optimizer),
                   local_epochs=a.local_epochs, batch_size=a.batch_size,
-                  weighting=a.weighting, engine=engine_options(config.engine))
+                  weighting=a.weighting, engine=engine)

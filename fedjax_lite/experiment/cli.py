@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from fedjax_lite.experiment.host import configure_host
+    configure_host()
     from fedjax_lite.experiment import config as cfg
 
     try:

@@ -122,11 +122,14 @@ class AlgorithmConfig:
 class EngineConfig:
     """Speed knobs; results do not depend on them beyond float reassociation.
 
-    chunk_size: clients vmapped together (``auto``: 16 on CPU, whole cohort on GPU/TPU;
-    ``all``: whole cohort; or an integer). unroll: local step scan unroll factor.
+    chunk_size: clients trained together (``auto``: 32 on CPU, the whole cohort on
+    GPU/TPU; ``all``: the whole cohort; or an integer). unroll: local step scan unroll.
+    devices: how many local devices the cohort is sharded over (``auto``: all; the CLI
+    exposes every CPU core as a device).
     """
     chunk_size: Union[int, Literal["auto", "all"]] = "auto"
     unroll: int = field(default=4, metadata=_POS_INT)
+    devices: Union[int, Literal["auto"]] = "auto"
 
 
 @dataclass(frozen=True)
@@ -345,6 +348,9 @@ def parse(raw: dict) -> Config:
                           f"from data.num_classes={config.data.num_classes}")
     if isinstance(config.data, NpzData) and not config.data.path:
         raise ConfigError("config key 'data.path' is required for data kind 'npz'")
+    if isinstance(config.engine.devices, int) and config.engine.devices <= 0:
+        raise ConfigError(f"config key 'engine.devices': got {config.engine.devices}, "
+                          "expected a positive integer or 'auto'")
     if isinstance(config.engine.chunk_size, int) and config.engine.chunk_size <= 0:
         raise ConfigError(f"config key 'engine.chunk_size': got {config.engine.chunk_size}, "
                           "expected a positive integer, 'auto' or 'all'")

@@ -18,6 +18,7 @@ import time
 
 import jax
 import yaml
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_lite.core import build_evaluate, build_round, round_key
 from fedjax_lite.experiment import config as cfg
@@ -73,23 +74,27 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from e
     model = build_model(config, train.feature_shape)
-    algorithm = build_algorithm(config, model)
+    engine = engine_options(config.engine)
+    algorithm = build_algorithm(config, model, engine)
     with open(config_path, "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
 
     C = config.algorithm.clients_per_round
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
     state = algorithm.init(model.init(init_key))
-    population = jax.device_put(train.arrays())
-    test_data = jax.device_put(test.arrays())
-    eval_chunk = engine_options(config.engine).chunk_size
-    eval_chunk = None if eval_chunk is None else 4 * eval_chunk
+    # the population lives on the device(s) for the whole run (replicated over the mesh)
+    where = (NamedSharding(engine.mesh, PartitionSpec()) if engine.mesh is not None
+             else jax.local_devices()[0])
+    population = jax.device_put(train.arrays(), where)
+    test_data = jax.device_put(test.arrays(), where)
+    eval_engine = engine._replace(chunk_size=None if engine.chunk_size is None
+                                  else 4 * engine.chunk_size)
 
     t0 = time.perf_counter()
     round_fn = jax.jit(build_round(algorithm, num_clients=train.num_clients,
                                    clients_per_round=C)).lower(
         state, population, round_key(run_key, 0)).compile()
-    evaluate = jax.jit(build_evaluate(model, eval_chunk)).lower(
+    evaluate = jax.jit(build_evaluate(model, eval_engine)).lower(
         state.params, test_data).compile()
     compile_s = time.perf_counter() - t0
 

@@ -1,0 +1,34 @@
+"""Host (process) set-up that must happen before JAX is imported."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+
+def configure_host() -> None:
+    """Prepares this process for a simulation; call before ``import jax``.
+
+    * Exposes every CPU core as a JAX device (``--xla_force_host_platform_device_count``)
+      unless ``XLA_FLAGS`` already says otherwise, so the engine can shard the cohort
+      over cores the way it shards over GPUs; an XLA:CPU computation otherwise keeps
+      one core busy.
+    * glibc: serve buffers up to 32 MiB from the heap and never trim it, so XLA's
+      per-call buffers stop page-faulting fresh memory every round (a 25.6 MB
+      elementwise op went from 21 ms to 4 ms here). Best effort; no-op elsewhere.
+    """
+    if "jax" in sys.modules:
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={count}".strip())
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 2**31 - 1)      # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 * 2**20)     # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
