@@ -1,8 +1,8 @@
 """Tests for fedjax_lite.algorithms.fedavg against independent references.
 
-Setup shared by every test: a cohort of K=5 clients (population rows 7, 3, 9, 0, 12),
-d=3 features, padded to N=6 with n = [6, 2, 5, 1, 4], 2 local epochs of batch 2 with
-client SGD. Each distinct FedAvg configuration compiles one round (a few seconds), so
+Setup shared by every test: a population of P=14 clients, d=3 features, padded to N=6
+(non-zero garbage in the padding); the cohort is K=5 of its rows, 7, 3, 9, 0, 12 (in
+that order), with n = [6, 2, 5, 1, 4]; 2 local epochs of batch 2 with client SGD. Each distinct FedAvg configuration compiles one round (a few seconds), so
 the configurations are built once per module and reused.
 """
 
@@ -17,8 +17,9 @@ import optax
 import pytest
 
 from fedjax_lite.algorithms import fedavg
-from fedjax_lite.core import Cohort, EngineOptions, local_train
-from fedjax_lite.core.shuffle import epoch_orders
+from fedjax_lite.core import (Cohort, EngineOptions, local_train, local_train_chunk,
+                              make_cohort)
+from fedjax_lite.core.shuffle import epoch_orders, epoch_orders_lanes
 from fedjax_lite.models import (logistic_regression, masked_mean_loss,
                                 multinomial_logistic_regression)
 
@@ -27,19 +28,29 @@ E, BATCH = 2, 2
 CLIENT_LR = 0.3
 SIZES = np.array([6, 2, 5, 1, 4], np.int32)
 INDEX = np.array([7, 3, 9, 0, 12], np.int32)
+P = 14  # population rows
 ROUNDS = 3
 ENGINE = EngineOptions(chunk_size=None, unroll=2)
 
 
-def make_data(kind: str, seed: int = 0):
+def make_population(kind: str, seed: int = 0) -> dict:
+    """NumPy {x, y, n} of P clients; the cohort's clients are rows INDEX (sizes SIZES),
+    the other rows hold clients of their own; padding slots hold garbage."""
     rng = np.random.default_rng(seed)
-    x = np.zeros((K, N, D), np.float32)
-    y = np.zeros((K, N), np.int32)
     classes = 2 if kind == "binary" else C
-    for k, n in enumerate(SIZES):
-        x[k, :n] = rng.normal(size=(n, D))
-        y[k, :n] = rng.integers(0, classes, size=n)
-    return x, y
+    x = rng.normal(size=(P, N, D)).astype(np.float32)
+    y = rng.integers(0, classes, size=(P, N)).astype(np.int32)
+    n = rng.integers(1, N + 1, size=P).astype(np.int32)
+    n[INDEX] = SIZES
+    for i in range(P):
+        x[i, n[i]:] *= 5.0
+    return {"x": x, "y": y, "n": n}
+
+
+def make_data(kind: str, seed: int = 0):
+    """The cohort's clients' x [K, N, D], y [K, N], in cohort order."""
+    pop = make_population(kind, seed)
+    return pop["x"][INDEX], pop["y"][INDEX]
 
 
 def make_model(kind: str):
@@ -54,9 +65,12 @@ def make_init_params(kind: str):
             "b": jnp.asarray(0.1 * rng.normal(size=bshape), jnp.float32)}
 
 
-def cohort_for(kind: str) -> Cohort:
-    x, y = make_data(kind)
-    return Cohort(jnp.asarray(x), jnp.asarray(y), jnp.asarray(SIZES), jnp.asarray(INDEX))
+def population_for(kind: str) -> dict:
+    return {k: jnp.asarray(v) for k, v in make_population(kind).items()}
+
+
+def cohort_for(kind: str, index=INDEX) -> Cohort:
+    return make_cohort(population_for(kind), jnp.asarray(index))
 
 
 def round_keys():
@@ -156,10 +170,14 @@ def test_vmapped_cohort_equals_python_loop_over_clients():
                            local_epochs=E, batch_size=BATCH)
 
     _, train_key = jax.random.split(key)
+    pop = cohort.population
+    np.testing.assert_array_equal(cohort.n, SIZES)
     deltas, weights, loss_sum, examples = [], [], 0.0, 0.0
     for k in range(K):  # one client at a time, its key from its population row
-        client_key = jax.random.fold_in(train_key, int(INDEX[k]))
-        p_k, stats = one_client(params0, cohort.x[k], cohort.y[k], cohort.n[k], client_key)
+        row = int(INDEX[k])
+        client_key = jax.random.fold_in(train_key, row)
+        p_k, stats = one_client(params0, pop["x"][row], pop["y"][row], pop["n"][row],
+                                client_key)
         deltas.append(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), p_k, params0))
         weights.append(float(SIZES[k]))
         loss_sum += float(stats.loss_sum)
@@ -181,12 +199,79 @@ def test_client_randomness_does_not_depend_on_cohort_position():
     init, apply = algorithm(kind)
     cohort = cohort_for(kind)
     perm = np.array([2, 4, 0, 3, 1])
-    shuffled = Cohort(*(a[perm] for a in cohort))
+    shuffled = cohort_for(kind, INDEX[perm])
+    np.testing.assert_array_equal(shuffled.n, SIZES[perm])
     key = round_keys()[0]
     state0 = init(make_init_params(kind))
-    a, _ = apply(state0, cohort, key)
-    b, _ = apply(state0, shuffled, key)
+    a, ma = apply(state0, cohort, key)
+    b, mb = apply(state0, shuffled, key)
     assert_tree_close(b.params, jax.tree.map(np.asarray, a.params), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mb["train_loss"], ma["train_loss"], rtol=1e-6)
+
+
+def test_rows_outside_the_cohort_do_not_matter():
+    """Only the cohort's population rows are read: rewriting every other row (data and
+    n) leaves the round unchanged."""
+    kind = "binary"
+    init, apply = algorithm(kind)
+    pop = make_population(kind)
+    other = np.setdiff1d(np.arange(P), INDEX)
+    rng = np.random.default_rng(99)
+    changed = {k: v.copy() for k, v in pop.items()}
+    changed["x"][other] = rng.normal(size=changed["x"][other].shape) * 3.0
+    changed["y"][other] = 1 - changed["y"][other]
+    changed["n"][other] = N + 1 - changed["n"][other]
+    key = round_keys()[0]
+    state0 = init(make_init_params(kind))
+    a, ma = apply(state0, cohort_for(kind), key)
+    b, mb = apply(state0, make_cohort({k: jnp.asarray(v) for k, v in changed.items()},
+                                      jnp.asarray(INDEX)), key)
+    assert_tree_close(b.params, jax.tree.map(np.asarray, a.params), rtol=0, atol=0)
+    np.testing.assert_array_equal(mb["train_loss"], ma["train_loss"])
+
+
+def _adam_loss_fn(p, xb, yb, mb):
+    loss = masked_mean_loss(make_model("binary"), p, xb, yb, mb)
+    return loss, loss
+
+
+ADAM_KW = dict(local_epochs=E, batch_size=BATCH, unroll=2)
+
+
+@jax.jit
+def _adam_chunk(params, x, y, n, orders):
+    """local_train_chunk on K clients (orders [E, N, K])."""
+    return local_train_chunk(_adam_loss_fn, optax.adam(0.1), params, x, y, n, orders,
+                             **ADAM_KW)
+
+
+@jax.jit
+def _adam_one(params, x, y, n, orders):
+    """local_train on one client (orders [E, N])."""
+    return local_train(_adam_loss_fn, optax.adam(0.1), params, x, y, n, orders, **ADAM_KW)
+
+
+def test_local_train_chunk_equals_separate_local_train_calls_under_adam():
+    """The engine's loop over K clients (different n, Adam state per client) is K
+    independent clients: each ends where local_train alone on its orders ends."""
+    x, y = make_data("binary")
+    params = make_init_params("binary")
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.asarray(INDEX))
+    orders = jax.jit(epoch_orders_lanes, static_argnums=(2, 3))(keys, jnp.asarray(SIZES),
+                                                                 N, E)
+    assert orders.shape == (E, N, K)
+    n = jnp.asarray(SIZES)
+    p_chunk, s_chunk = _adam_chunk(params, jnp.asarray(x), jnp.asarray(y), n, orders)
+    for k in range(K):
+        p_k, s_k = _adam_one(params, jnp.asarray(x[k]), jnp.asarray(y[k]), n[k],
+                             orders[:, :, k])
+        for name in params:
+            np.testing.assert_allclose(p_chunk[name][k], p_k[name], rtol=1e-6, atol=1e-7,
+                                       err_msg=f"client {k} {name}")
+        np.testing.assert_allclose(s_chunk.loss_sum[k], s_k.loss_sum, rtol=1e-6)
+        assert float(s_chunk.examples[k]) == float(s_k.examples) == E * SIZES[k]
+        assert int(s_chunk.steps[k]) == int(s_k.steps) == E * -(-int(SIZES[k]) // BATCH)
+        assert np.abs(np.asarray(p_k["w"]) - np.asarray(params["w"])).max() > 1e-3
 
 
 # --------------------------------------------------------------------------- (b), (c)
