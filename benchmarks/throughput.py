@@ -111,47 +111,52 @@ def _jax_parts():
         return jax.vmap(lambda k: jax.random.permutation(k, N_EX))(
             jax.random.split(key, EPOCHS))
 
+    # The loops accumulate sum_k n_k * delta_k inside the per-client jitted call (no
+    # stacking of C small arrays afterwards: jitting a function of a C-long list of
+    # deltas recompiles a C-input program, minutes at C = 10000).
+    def accumulate(acc, delta, n_k):
+        return jax.tree.map(lambda a, d: a + n_k.astype(d.dtype) * d, acc, delta)
+
     @jax.jit
-    def client_keyed(params, x, y, round_key, k):
+    def client_keyed(params, acc, x, y, n_k, round_key, k):
         perms = client_perms(jax.random.fold_in(round_key, k))
-        return train_with_perms(params, x, y, perms)
+        return accumulate(acc, train_with_perms(params, x, y, perms), n_k)
 
-    client_perm = jax.jit(train_with_perms)
+    @jax.jit
+    def client_perm(params, acc, x, y, n_k, perms):
+        return accumulate(acc, train_with_perms(params, x, y, perms), n_k)
 
-    def _server(params, deltas, n):
-        w = n.astype(jnp.float32) / jnp.sum(n).astype(jnp.float32)
-        delta = jax.tree.map(lambda *d: jnp.tensordot(w, jnp.stack(d), axes=1), *deltas)
+    @jax.jit
+    def client_final(params, acc, final, n_k):      # FedJAX's client_final
+        return accumulate(acc, jax.tree.map(jnp.subtract, final, params), n_k)
+
+    @jax.jit
+    def server(params, acc, total_n):
+        delta = jax.tree.map(lambda a: a / total_n.astype(a.dtype), acc)
         # server SGD on the pseudo-gradient -delta
         return jax.tree.map(lambda p, d: p - SERVER_LR * (-d), params, delta)
 
-    server_from_deltas = jax.jit(_server)
-
-    @jax.jit
-    def server_from_finals(params, finals, n):
-        deltas = [jax.tree.map(jnp.subtract, f, params) for f in finals]
-        return _server(params, deltas, n)
-
     return dict(jax=jax, client_keyed=client_keyed, client_perm=client_perm,
-                step=jax.jit(sgd_step), server_from_deltas=server_from_deltas,
-                server_from_finals=server_from_finals)
+                step=jax.jit(sgd_step), client_final=client_final, server=server)
 
 
 def per_client_jit_round(parts, params, x, y, n, round_key, perms=None):
     """Python loop over clients, one jitted call per client's whole local training."""
     C = x.shape[0]
-    if perms is None:
-        deltas = [parts["client_keyed"](params, x[k], y[k], round_key, np.int32(k))
-                  for k in range(C)]
-    else:
-        deltas = [parts["client_perm"](params, x[k], y[k], perms[k]) for k in range(C)]
-    return parts["server_from_deltas"](params, deltas, n)
+    acc = parts["jax"].tree.map(lambda p: p * 0, params)
+    for k in range(C):
+        if perms is None:
+            acc = parts["client_keyed"](params, acc, x[k], y[k], n[k], round_key, np.int32(k))
+        else:
+            acc = parts["client_perm"](params, acc, x[k], y[k], n[k], perms[k])
+    return parts["server"](params, acc, n.sum())
 
 
 def per_step_jit_round(parts, params, x, y, n, rng, perms=None):
     """FedJAX for_each_client-style: host shuffle + batching, one jitted call per step."""
     step = parts["step"]
     C = x.shape[0]
-    finals = []
+    acc = parts["jax"].tree.map(lambda p: p * 0, params)
     for k in range(C):
         p = params
         xk, yk = x[k], y[k]
@@ -160,8 +165,8 @@ def per_step_jit_round(parts, params, x, y, n, rng, perms=None):
             xs, ys = xk[perm], yk[perm]
             for s in range(STEPS):
                 p = step(p, xs[s * BATCH:(s + 1) * BATCH], ys[s * BATCH:(s + 1) * BATCH])
-        finals.append(p)
-    return parts["server_from_finals"](params, finals, n)
+        acc = parts["client_final"](params, acc, p, n[k])
+    return parts["server"](params, acc, n.sum())
 
 
 # ---- baseline 4: NumPy batched over clients -------------------------------------------
@@ -203,8 +208,12 @@ def numpy_batched_round(params, x, y, n, rng, perms=None, dtype=np.float32,
 
 # ---- engine ---------------------------------------------------------------------------
 def engine_options(args):
-    from fedjax_lite.core import EngineOptions
+    import jax
+    from fedjax_lite.core import EngineOptions, client_mesh
     kw = {}
+    devices = jax.local_devices()[:args.devices] if args.devices else jax.local_devices()
+    if len(devices) > 1:
+        kw["mesh"] = client_mesh(devices)
     if args.chunk_size is not None:
         kw["chunk_size"] = None if args.chunk_size.lower() == "none" else int(args.chunk_size)
     if args.unroll is not None:
@@ -252,10 +261,14 @@ def run_one(impl: str, C: int, args) -> dict:
     times: list[float] = []
 
     if impl == "engine":
+        from jax.sharding import NamedSharding, PartitionSpec
         opts = engine_options(args)
-        info["engine_options"] = opts._asdict()
+        info["engine_options"] = {**opts._asdict(), "mesh": None if opts.mesh is None
+                                  else [str(d) for d in opts.mesh.devices]}
         round_fn, state = build_engine(C, opts)
-        population = jax.device_put({"x": x, "y": y, "n": n})
+        where = (NamedSharding(opts.mesh, PartitionSpec()) if opts.mesh is not None
+                 else jax.local_devices()[0])
+        population = jax.device_put({"x": x, "y": y, "n": n}, where)
         jax.block_until_ready(population)
         del x  # the device copy is the only one the engine needs
         gc.collect()
@@ -436,7 +449,7 @@ def machine_info() -> dict:
 def child_argv(args, impl, C):
     argv = [sys.executable, os.path.abspath(__file__), "--one", impl, str(C),
             "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-            "--per-client-cap", str(args.per_client_cap),
+            "--per-client-cap", str(args.per_client_cap), "--devices", str(args.devices),
             "--per-step-cap", str(args.per_step_cap)]
     if args.chunk_size is not None:
         argv += ["--chunk-size", args.chunk_size]
@@ -523,6 +536,8 @@ def main(argv=None):
                     help="engine EngineOptions.chunk_size (int or 'none'); default: engine's")
     ap.add_argument("--unroll", type=int, default=None,
                     help="engine EngineOptions.unroll; default: engine's")
+    ap.add_argument("--devices", type=int, default=0,
+                    help="engine: devices to shard the cohort over (0: all, i.e. every core)")
     ap.add_argument("--per-client-cap", type=int, default=DEFAULT_LOOP_CAP["per_client_jit"],
                     help="max clients timed per round for per_client_jit")
     ap.add_argument("--per-step-cap", type=int, default=DEFAULT_LOOP_CAP["per_step_jit"],
@@ -537,6 +552,9 @@ def main(argv=None):
         check(args)
         return
     if args.one:
+        # as the CLI does: every CPU core a JAX device, glibc heap kept (before jax import)
+        from fedjax_lite.experiment.host import configure_host
+        configure_host()
         res = run_one(args.one[0], int(args.one[1]), args)
         print("RESULT " + json.dumps(res), flush=True)
         return

@@ -64,7 +64,7 @@ def build_optimizer(opt: OptimizerConfig) -> optax.GradientTransformation:
 def engine_options(engine: EngineConfig) -> EngineOptions:
     chunk = engine.chunk_size
     if chunk == "auto":
-        chunk = 32 if jax.default_backend() == "cpu" else None
+        chunk = 64 if jax.default_backend() == "cpu" else None
     elif chunk == "all":
         chunk = None
     available = jax.local_devices()

@@ -122,7 +122,7 @@ class AlgorithmConfig:
 class EngineConfig:
     """Speed knobs; results do not depend on them beyond float reassociation.
 
-    chunk_size: clients trained together (``auto``: 32 on CPU, the whole cohort on
+    chunk_size: clients trained together (``auto``: 64 on CPU, the whole cohort on
     GPU/TPU; ``all``: the whole cohort; or an integer). unroll: local step scan unroll.
     devices: how many local devices the cohort is sharded over (``auto``: all; the CLI
     exposes every CPU core as a device).
