@@ -34,7 +34,8 @@ model: {kind: multinomial_logistic_regression, num_classes: 10}
 
 
 @pytest.mark.parametrize("raw, match", [
-    ({"foo": 1}, r"unknown config key 'foo'; allowed keys: algorithm, checkpoint_every"),
+    ({"foo": 1}, r"unknown config key 'foo'; allowed keys: aggregator, algorithm, attack, "
+                   r"checkpoint_every"),
     ({"algorithm": {"local_epoch": 1}}, r"unknown config key 'algorithm.local_epoch'"),
     ({"rounds": 0}, r"config key 'rounds': got 0, expected a positive integer"),
     ({"rounds": "ten"}, r"config key 'rounds': got 'ten', expected an integer"),
@@ -63,11 +64,43 @@ model: {kind: multinomial_logistic_regression, num_classes: 10}
     ({"data": {"kind": "fedprox_synthetic"}, "model": {"kind": "logistic_regression"}},
      r"'model.kind': logistic_regression is binary"),
     ({"engine": {"chunk_size": 0}}, r"'engine.chunk_size'"),
+    ({"engine": {"devices": 0}}, r"'engine.devices'"),
+    ({"algorithm": {"name": "fedavg", "mu": 0.1}},
+     r"'algorithm.mu' applies only to algorithm.name in \(fedprox\), not 'fedavg'"),
+    ({"aggregator": {"name": "median", "trim": 0.1}},
+     r"'aggregator.trim' applies only to aggregator.name in \(trimmed_mean\)"),
+    ({"aggregator": {"name": "trimmed_mean", "trim": 0.5}}, r"'aggregator.trim': got 0.5"),
+    ({"aggregator": {"name": "bulyan"}}, r"'aggregator.name'"),
+    ({"algorithm": {"name": "fedadam", "server_optimizer": {"name": "sgd",
+                                                            "learning_rate": 1}}},
+     r"'algorithm.server_optimizer.name': fedadam uses 'adam'"),
+    ({"algorithm": {"name": "scaffold", "client_optimizer": {"name": "adam",
+                                                             "learning_rate": 0.1}}},
+     r"scaffold is defined for plain client SGD"),
+    ({"clients": {"dropout": 1.0}}, r"'clients.dropout': got 1.0"),
+    ({"attack": {"kind": "backdoor"}}, r"'attack.kind'"),
+    ({"attack": {"kind": "sign_flip", "fraction": 1.5}}, r"'attack.fraction': got 1.5"),
 ])
+
+
 def test_errors_name_the_key(raw, match):
     with pytest.raises(cfg.ConfigError, match=match) as info:
         parse(raw)
     assert "\n" not in str(info.value)
+
+
+def test_fedopt_names_default_their_server_optimizer():
+    c = parse({"algorithm": {"name": "fedadam"}})
+    assert c.algorithm.server_optimizer.name == "adam"
+    assert c.algorithm.server_optimizer.kwargs["eps"] == 0.001
+    c = parse({"algorithm": {"name": "fedyogi",
+                             "server_optimizer": {"name": "yogi", "learning_rate": 0.03}}})
+    assert c.algorithm.server_optimizer.kwargs == {"learning_rate": 0.03}
+    assert parse({"algorithm": {"name": "fedavgm"}}).algorithm.server_optimizer.kwargs[
+        "momentum"] == 0.9
+    c = parse({"algorithm": {"name": "fedprox", "mu": 0.5}, "aggregator": {"name": "krum"}})
+    assert parse(cfg.to_dict(c)) == c and "mu" in cfg.to_dict(c)["algorithm"]
+    assert "mu" not in cfg.to_dict(parse({}))["algorithm"]
 
 
 def test_load_and_overrides(tmp_path):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.core.aggregators import Aggregator, mean
+from fedjax_lite.core.faults import Faults, apply_faults
 from fedjax_lite.core.local import local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
@@ -48,6 +49,14 @@ def server_update(tx: optax.GradientTransformation, params, opt_state, delta):
     return optax.apply_updates(params, updates), opt_state
 
 
+def client_weights(cohort: Cohort, weighting: str) -> jax.Array:
+    """p_k: ``examples`` (n_k, McMahan et al.) or ``uniform`` (1)."""
+    if weighting not in ("examples", "uniform"):
+        raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+    return (cohort.n.astype(jnp.float32) if weighting == "examples"
+            else jnp.ones(cohort.n.shape, jnp.float32))
+
+
 def cohort_train_loss(stats) -> jax.Array:
     """Mean data loss over every real example processed in the cohort's local steps."""
     return jnp.sum(stats.loss_sum) / jnp.maximum(jnp.sum(stats.examples), 1.0)
@@ -56,11 +65,11 @@ def cohort_train_loss(stats) -> jax.Array:
 def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
            server_optimizer: optax.GradientTransformation, local_epochs: int,
            batch_size: int, weighting: str = "examples", aggregator: Aggregator | None = None,
+           faults: Faults = Faults(),
            engine: EngineOptions = EngineOptions()) -> FederatedAlgorithm:
     """Builds FedAvg. ``weighting``: ``examples`` (p_k = n_k, the paper's) or ``uniform``."""
-    if weighting not in ("examples", "uniform"):
-        raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
     aggregator = aggregator or mean()
+    client_weights(Cohort({}, jnp.zeros(0), jnp.zeros(0)), weighting)  # validate early
 
     def init(params) -> ServerState:
         return ServerState(params, server_optimizer.init(params), aggregator.init(params),
@@ -83,13 +92,13 @@ def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
         chunk_fn = local_training_chunk(lambda *a: client_update(state.params, *a),
                                         local_epochs=local_epochs)
         deltas, stats = map_cohort(chunk_fn, cohort, (keys,), engine)
-        weights = (cohort.n.astype(jnp.float32) if weighting == "examples"
-                   else jnp.ones(cohort.n.shape, jnp.float32))
+        deltas, weights, fault_metrics = apply_faults(
+            faults, deltas, client_weights(cohort, weighting), cohort.index, agg_key)
         delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
                                                          agg_key)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
                                           delta)
-        metrics = {"train_loss": cohort_train_loss(stats), **agg_metrics}
+        metrics = {"train_loss": cohort_train_loss(stats), **fault_metrics, **agg_metrics}
         return ServerState(params, opt_state, agg_state, state.round + 1), metrics
 
     return FederatedAlgorithm(init, apply)

@@ -1,9 +1,10 @@
 """Host-side federated data (NumPy only; never imports JAX)."""
 
 from fedjax_lite.data.npz import load_npz
-from fedjax_lite.data.population import (Population, check_cohort_size, from_flat,
-                                         from_ragged, sample_cohort, split_examples)
+from fedjax_lite.data.population import (Population, check_cohort_size, choose_attackers,
+                                         flip_labels, from_flat, from_ragged, sample_cohort,
+                                         split_examples)
 from fedjax_lite.data.synthetic import fedprox_synthetic, synthetic_logistic
 
-__all__ = ["Population", "check_cohort_size", "fedprox_synthetic", "from_flat", "from_ragged",
+__all__ = ["Population", "check_cohort_size", "choose_attackers", "flip_labels", "fedprox_synthetic", "from_flat", "from_ragged",
            "load_npz", "sample_cohort", "split_examples", "synthetic_logistic"]

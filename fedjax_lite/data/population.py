@@ -195,3 +195,19 @@ def sample_cohort(rng: np.random.Generator, num_clients: int, cohort_size: int) 
     if cohort_size > num_clients:
         raise ValueError(f"cohort size {cohort_size} exceeds the population ({num_clients})")
     return rng.choice(num_clients, size=cohort_size, replace=False)
+
+
+def choose_attackers(num_clients: int, fraction: float, seed: int) -> np.ndarray:
+    """bool[K]: a fixed, seeded subset of round(fraction * K) Byzantine clients."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"attack fraction={fraction} must be in [0, 1]")
+    rng = np.random.default_rng([seed, 7])
+    mask = np.zeros(num_clients, bool)
+    mask[rng.choice(num_clients, int(round(fraction * num_clients)), replace=False)] = True
+    return mask
+
+
+def flip_labels(pop: Population, clients: np.ndarray, num_classes: int) -> Population:
+    """Label-flipping attack: clients (bool[K]) train on ``num_classes - 1 - y``."""
+    y = np.where(clients[:, None] & pop.mask, num_classes - 1 - pop.y, pop.y).astype(np.int32)
+    return Population(pop.x, y, pop.n, pop.client_ids)

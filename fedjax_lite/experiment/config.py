@@ -107,15 +107,70 @@ class OptimizerConfig:
     kwargs: dict
 
 
+ALGORITHMS = ("fedavg", "fedsgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox",
+              "scaffold", "fednova")
+
+# FedOpt family: FedAvg with this server optimizer (Hsu et al. 2019; Reddi et al. 2021).
+# Defaults follow Reddi et al.'s search grids' typical values; tau = eps = 1e-3.
+SERVER_OPTIMIZER_OF = {
+    "fedavgm": OptimizerConfig("sgd", {"learning_rate": 1.0, "momentum": 0.9}),
+    "fedadam": OptimizerConfig("adam", {"learning_rate": 0.01, "b1": 0.9, "b2": 0.99,
+                                        "eps": 0.001}),
+    "fedyogi": OptimizerConfig("yogi", {"learning_rate": 0.01, "b1": 0.9, "b2": 0.99,
+                                        "eps": 0.001}),
+    "fedadagrad": OptimizerConfig("adagrad", {"learning_rate": 0.01, "eps": 0.001}),
+}
+# keys that only some algorithms take (absent = the algorithm's default)
+ALGORITHM_ONLY_KEYS = {"mu": ("fedprox",), "straggler_fraction": ("fedprox",),
+                       "drop_stragglers": ("fedprox",)}
+
+
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: Literal["fedavg"] = "fedavg"
+    name: Literal[ALGORITHMS] = "fedavg"
     clients_per_round: int = field(default=10, metadata=_POS_INT)
     local_epochs: int = field(default=1, metadata=_POS_INT)
     batch_size: int = field(default=16, metadata=_POS_INT)
     weighting: Literal["examples", "uniform"] = "examples"
     client_optimizer: OptimizerConfig = OptimizerConfig("sgd", {"learning_rate": 0.1})
     server_optimizer: OptimizerConfig = OptimizerConfig("sgd", {"learning_rate": 1.0})
+    mu: float = field(default=0.01, metadata=_NONNEG)         # fedprox: proximal weight
+    straggler_fraction: float = field(default=0.0, metadata=_check(
+        lambda v: 0 <= v <= 1, "a number in [0, 1]"))          # fedprox
+    drop_stragglers: bool = False                               # fedprox
+
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
+               "norm_bound")
+AGGREGATOR_KEYS = {"trim": ("trimmed_mean",), "num_byzantine": ("krum", "multi_krum"),
+                   "num_selected": ("multi_krum",), "max_norm": ("norm_bound",),
+                   "max_iters": ("geometric_median",)}
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    name: Literal[AGGREGATORS] = "mean"
+    trim: float = field(default=0.1, metadata=_check(lambda v: 0 <= v < 0.5,
+                                                     "a number in [0, 0.5)"))
+    num_byzantine: int = field(default=1, metadata=_NONNEG_INT)
+    num_selected: int = field(default=2, metadata=_POS_INT)
+    max_norm: float = field(default=1.0, metadata=_POS)
+    max_iters: int = field(default=10, metadata=_POS_INT)
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    dropout: float = field(default=0.0, metadata=_FRACTION)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """A fixed, seeded ``fraction`` of the population is Byzantine."""
+    kind: Literal["none", "sign_flip", "gaussian", "scale", "label_flip"] = "none"
+    fraction: float = field(default=0.2, metadata=_check(lambda v: 0 <= v <= 1,
+                                                          "a number in [0, 1]"))
+    scale: float = field(default=1.0, metadata=_POS)       # sign_flip / scale multiplier
+    noise_std: float = field(default=1.0, metadata=_POS)   # gaussian
 
 
 @dataclass(frozen=True)
@@ -141,6 +196,9 @@ class Config:
     data: DataConfig = field(default_factory=SyntheticLogisticData)
     model: ModelConfig = field(default_factory=LogisticRegressionModel)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
@@ -334,9 +392,35 @@ def load_raw(path: str) -> dict:
     return raw
 
 
+def _only_for(raw: dict, section: str, name: str, keys: dict) -> None:
+    for key, owners in keys.items():
+        if key in raw and name not in owners:
+            raise ConfigError(f"config key '{section}.{key}' applies only to "
+                              f"{section}.name in ({', '.join(owners)}), not {name!r}")
+
+
 def parse(raw: dict) -> Config:
     """Validates a raw mapping into a :class:`Config` (raises ConfigError)."""
     config = _dataclass(Config, raw, "")
+    algo_raw = raw.get("algorithm") or {}
+    name = config.algorithm.name
+    _only_for(algo_raw, "algorithm", name, ALGORITHM_ONLY_KEYS)
+    _only_for(raw.get("aggregator") or {}, "aggregator", config.aggregator.name,
+              AGGREGATOR_KEYS)
+    if name in SERVER_OPTIMIZER_OF:
+        expected = SERVER_OPTIMIZER_OF[name]
+        given = algo_raw.get("server_optimizer")
+        if given is None:
+            config = dataclasses.replace(config, algorithm=dataclasses.replace(
+                config.algorithm, server_optimizer=expected))
+        elif config.algorithm.server_optimizer.name != expected.name:
+            raise ConfigError(f"config key 'algorithm.server_optimizer.name': {name} uses "
+                              f"{expected.name!r}, got "
+                              f"{config.algorithm.server_optimizer.name!r} (or use fedavg)")
+    if name in ("scaffold", "fednova") and config.algorithm.client_optimizer.name != "sgd":
+        raise ConfigError(f"config key 'algorithm.client_optimizer.name': {name} is defined "
+                          f"for plain client SGD, got "
+                          f"{config.algorithm.client_optimizer.name!r}")
     if config.model.kind == "logistic_regression" and getattr(config.data, "num_classes", 2) != 2:
         raise ConfigError("config key 'model.kind': logistic_regression is binary but "
                           f"data.num_classes={config.data.num_classes}; use "
@@ -371,6 +455,9 @@ def to_dict(config: Config) -> dict:
         if isinstance(obj, OptimizerConfig):
             return {"name": obj.name, **obj.kwargs}
         if dataclasses.is_dataclass(obj):
-            return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            only = {AlgorithmConfig: ALGORITHM_ONLY_KEYS,
+                    AggregatorConfig: AGGREGATOR_KEYS}.get(type(obj), {})
+            return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if f.name not in only or getattr(obj, "name") in only[f.name]}
         return obj
     return convert(config)
