@@ -203,6 +203,14 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
         read_metrics(str(tmp_path / "full" / "metrics.jsonl")))
 
 
+def test_a_second_run_never_overwrites_the_first(small_run, capsys):
+    path, out = small_run
+    before = (out / "params.npz").read_bytes()
+    assert main(["run", path, "--out", str(out), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "params.npz").read_bytes() == before
+
+
 def test_resume_refuses_a_changed_config(small_run, tmp_path, capsys):
     path, out = small_run
     code = main(["run", path, "--out", str(out), "--resume", "--set", "seed=5"])

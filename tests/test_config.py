@@ -95,7 +95,12 @@ def test_fedopt_names_default_their_server_optimizer():
     assert c.algorithm.server_optimizer.kwargs["eps"] == 0.001
     c = parse({"algorithm": {"name": "fedyogi",
                              "server_optimizer": {"name": "yogi", "learning_rate": 0.03}}})
-    assert c.algorithm.server_optimizer.kwargs == {"learning_rate": 0.03}
+    assert c.algorithm.server_optimizer.kwargs == {"learning_rate": 0.03, "b1": 0.9,
+                                                   "b2": 0.99, "eps": 0.001}
+    # FedAvgM given plain server SGD still gets its momentum (else it would be FedAvg)
+    c = parse({"algorithm": {"name": "fedavgm",
+                             "server_optimizer": {"name": "sgd", "learning_rate": 0.5}}})
+    assert c.algorithm.server_optimizer.kwargs == {"learning_rate": 0.5, "momentum": 0.9}
     assert parse({"algorithm": {"name": "fedavgm"}}).algorithm.server_optimizer.kwargs[
         "momentum"] == 0.9
     c = parse({"algorithm": {"name": "fedprox", "mu": 0.5}, "aggregator": {"name": "krum"}})

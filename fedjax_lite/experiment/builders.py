@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jax
-
 from fedjax_lite import data as fdata
 from fedjax_lite.algorithms import fedavg
-from fedjax_lite.core import EngineOptions, FederatedAlgorithm, client_mesh
+from fedjax_lite.core import EngineOptions, FederatedAlgorithm, aggregators, client_mesh
+from fedjax_lite.core.aggregators import Aggregator
+from fedjax_lite.core.faults import Faults
 from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment.config import (Config, EngineConfig, FedProxSyntheticData,
                                            NpzData, OptimizerConfig, SyntheticLogisticData)
@@ -76,9 +78,67 @@ def engine_options(engine: EngineConfig) -> EngineOptions:
     return EngineOptions(chunk_size=chunk, unroll=engine.unroll, mesh=mesh)
 
 
-def build_algorithm(config: Config, model: Model, engine: EngineOptions) -> FederatedAlgorithm:
+def build_aggregator(config: Config) -> Aggregator:
+    g = config.aggregator
+    if g.name == "mean":
+        return aggregators.mean()
+    if g.name == "median":
+        return aggregators.median()
+    if g.name == "geometric_median":
+        return aggregators.geometric_median(max_iters=g.max_iters)
+    if g.name == "trimmed_mean":
+        return aggregators.trimmed_mean(g.trim)
+    if g.name == "krum":
+        return aggregators.krum(g.num_byzantine)
+    if g.name == "multi_krum":
+        return aggregators.multi_krum(g.num_byzantine, g.num_selected)
+    return aggregators.norm_bound(g.max_norm)
+
+
+def build_faults(config: Config, num_clients: int) -> Faults:
+    """The round's fault model; attackers are a fixed seeded subset of the population."""
+    attack = config.attack
+    attackers = None
+    if attack.kind != "none":
+        attackers = jnp.asarray(fdata.choose_attackers(num_clients, attack.fraction,
+                                                       config.seed))
+    return Faults(dropout=config.clients.dropout,
+                  attack=None if attack.kind == "none" else attack.kind,
+                  attackers=attackers, scale=attack.scale, noise_std=attack.noise_std)
+
+
+def apply_label_attack(config: Config, train: fdata.Population) -> fdata.Population:
+    if config.attack.kind != "label_flip":
+        return train
+    attackers = fdata.choose_attackers(train.num_clients, config.attack.fraction, config.seed)
+    return fdata.flip_labels(train, attackers, config.num_classes)
+
+
+def build_algorithm(config: Config, model: Model, engine: EngineOptions, *,
+                    num_clients: int) -> FederatedAlgorithm:
     a = config.algorithm
-    return fedavg(model, client_optimizer=build_optimizer(a.client_optimizer),
-                  server_optimizer=build_optimizer(a.server_optimizer),
-                  local_epochs=a.local_epochs, batch_size=a.batch_size,
-                  weighting=a.weighting, engine=engine)
+    common = dict(aggregator=build_aggregator(config),
+                  faults=build_faults(config, num_clients), engine=engine)
+    client_tx = build_optimizer(a.client_optimizer)
+    server_tx = build_optimizer(a.server_optimizer)
+    local = dict(local_epochs=a.local_epochs, batch_size=a.batch_size)
+    if a.name in ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
+        return fedavg(model, client_optimizer=client_tx, server_optimizer=server_tx,
+                      weighting=a.weighting, **local, **common)
+    if a.name == "fedprox":
+        from fedjax_lite.algorithms.fedprox import fedprox
+        return fedprox(model, client_optimizer=client_tx, server_optimizer=server_tx,
+                       mu=a.mu, straggler_fraction=a.straggler_fraction,
+                       drop_stragglers=a.drop_stragglers, weighting=a.weighting,
+                       **local, **common)
+    if a.name == "fedsgd":
+        from fedjax_lite.algorithms.fedsgd import fedsgd
+        return fedsgd(model, server_optimizer=server_tx, weighting=a.weighting, **common)
+    if a.name == "fednova":
+        from fedjax_lite.algorithms.fednova import fednova
+        return fednova(model, client_optimizer=client_tx, server_optimizer=server_tx,
+                       weighting=a.weighting, **local, **common)
+    from fedjax_lite.algorithms.scaffold import scaffold
+    return scaffold(model, num_clients=num_clients, client_optimizer=client_tx,
+                    client_learning_rate=a.client_optimizer.kwargs["learning_rate"],
+                    server_optimizer=server_tx, **local, **common)

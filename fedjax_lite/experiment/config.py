@@ -417,6 +417,11 @@ def parse(raw: dict) -> Config:
             raise ConfigError(f"config key 'algorithm.server_optimizer.name': {name} uses "
                               f"{expected.name!r}, got "
                               f"{config.algorithm.server_optimizer.name!r} (or use fedavg)")
+        else:  # the algorithm's defaults for what the user left out (e.g. momentum, tau)
+            given_opt = config.algorithm.server_optimizer
+            merged = OptimizerConfig(expected.name, {**expected.kwargs, **given_opt.kwargs})
+            config = dataclasses.replace(config, algorithm=dataclasses.replace(
+                config.algorithm, server_optimizer=merged))
     if name in ("scaffold", "fednova") and config.algorithm.client_optimizer.name != "sgd":
         raise ConfigError(f"config key 'algorithm.client_optimizer.name': {name} is defined "
                           f"for plain client SGD, got "

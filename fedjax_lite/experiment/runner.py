@@ -22,8 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_lite.core import build_evaluate, build_round, round_key
 from fedjax_lite.experiment import config as cfg
-from fedjax_lite.experiment.builders import (build_algorithm, build_data, build_model,
-                                             engine_options)
+from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm, build_data,
+                                             build_model, engine_options)
 from fedjax_lite.experiment.checkpoint import Checkpointer
 from fedjax_lite.experiment.outputs import (MetricsWriter, plot_curves, read_metrics,
                                             save_params, write_json)
@@ -61,6 +61,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     config_path = os.path.join(out_dir, "config.yaml")
     resolved = cfg.to_dict(config)
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"))
+    if not resume and ckpt.latest_round() is not None:
+        raise cfg.ConfigError(f"{out_dir} already holds a run (checkpoints up to round "
+                              f"{ckpt.latest_round()}); pass --resume to continue it or "
+                              "choose another --out (nothing was overwritten)")
     if resume:
         if not os.path.exists(config_path) or ckpt.latest_round() is None:
             raise cfg.ConfigError(f"--resume: no checkpoint to resume from in {out_dir}")
@@ -73,9 +77,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         train, test = build_data(config)
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from e
+    train = apply_label_attack(config, train)
     model = build_model(config, train.feature_shape)
     engine = engine_options(config.engine)
-    algorithm = build_algorithm(config, model, engine)
+    algorithm = build_algorithm(config, model, engine, num_clients=train.num_clients)
     with open(config_path, "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
 
@@ -100,7 +105,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
 
     start, elapsed_before = 0, 0.0
     writer_keep = None
-    window = {"loss": 0.0, "rounds": 0, "time": 0.0}
+    empty_window = {"loss": 0.0, "rounds": 0, "time": 0.0, "extra": {}}
+    window = dict(empty_window)
     if resume:
         start, state, _, meta = ckpt.restore(state, run_key)
         elapsed_before = float(meta.get("wall_s", 0.0))
@@ -127,6 +133,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                "clients_per_s": (C * window["rounds"] / window["time"]) if window["rounds"]
                else None,
                "round_s": (window["time"] / window["rounds"]) if window["rounds"] else None}
+        # other round metrics (attackers in cohort, reporting clients, ...): window means,
+        # except counts of events, which are totals
+        for k, v in sorted(window["extra"].items()):
+            row[k] = v if k == "rounds_without_reports" else v / max(window["rounds"], 1)
         writer.write(row)
         return row
 
@@ -149,12 +159,19 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                     f"non-finite training loss in round {r + 1}; stopped, the last good "
                     f"state (after round {r}) is checkpointed in {ckpt.directory}")
             state, done = new_state, r + 1
+            extra = dict(window["extra"])
+            for k, v in metrics.items():
+                if k != "train_loss" and getattr(v, "ndim", 1) == 0:
+                    extra[k] = extra.get(k, 0.0) + float(v)
+            if "reporting_clients" in metrics and int(metrics["reporting_clients"]) == 0:
+                extra["rounds_without_reports"] = extra.get("rounds_without_reports", 0) + 1
+                bar.write(f"round {done}: no sampled client reported; model unchanged")
             window = {"loss": window["loss"] + loss, "rounds": window["rounds"] + 1,
-                      "time": window["time"] + dt}
+                      "time": window["time"] + dt, "extra": extra}
             total = {"rounds": total["rounds"] + 1, "time": total["time"] + dt}
             if done % config.eval_every == 0 or done == config.rounds:
                 last_row = eval_row(done, state, window)
-                window = {"loss": 0.0, "rounds": 0, "time": 0.0}
+                window = dict(empty_window)
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{last_row['eval_accuracy']:.4f}",
                                 cps=f"{C / dt:,.0f}", refresh=False)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
