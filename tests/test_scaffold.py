@@ -22,7 +22,7 @@ import pytest
 from fedjax_lite.algorithms.fedavg import fedavg
 from fedjax_lite.algorithms.scaffold import scaffold
 from fedjax_lite.core import EngineOptions, make_cohort
-from fedjax_lite.core.faults import Faults
+from fedjax_lite.core.faults import DROPOUT_STREAM, Faults
 from fedjax_lite.core.shuffle import epoch_orders
 from fedjax_lite.models import multinomial_logistic_regression
 
@@ -98,11 +98,11 @@ def reference_orders(round_key, index, n):
 
 
 def reference_reports(round_key, dropout: float) -> np.ndarray:
-    """Who reports (core.faults' draw: uniform from fold_in(aggregation key, 2))."""
+    """Who reports (core.faults' draw: uniform from fold_in(aggregation key, DROPOUT_STREAM))."""
     if dropout == 0:
         return np.ones(len(COHORTS[0]), bool)
     agg_key, _ = jax.random.split(round_key)
-    u = jax.random.uniform(jax.random.fold_in(agg_key, 2), (len(COHORTS[0]),))
+    u = jax.random.uniform(jax.random.fold_in(agg_key, DROPOUT_STREAM), (len(COHORTS[0]),))
     return np.asarray(u >= dropout)
 
 

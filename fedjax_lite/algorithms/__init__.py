@@ -1,5 +1,14 @@
-"""Federated algorithms, one per module, each citing its paper."""
+"""Federated algorithms, one per module, each citing its paper.
+
+FedAvgM, FedAdam, FedYogi and FedAdagrad are :func:`fedavg` with another optax server
+optimizer (the config names pick it; see ``experiment.config.SERVER_OPTIMIZER_OF``).
+"""
 
 from fedjax_lite.algorithms.fedavg import ServerState, fedavg, server_update
+from fedjax_lite.algorithms.fednova import fednova
+from fedjax_lite.algorithms.fedprox import fedprox
+from fedjax_lite.algorithms.fedsgd import fedsgd
+from fedjax_lite.algorithms.scaffold import ScaffoldState, scaffold
 
-__all__ = ["ServerState", "fedavg", "server_update"]
+__all__ = ["ScaffoldState", "ServerState", "fedavg", "fednova", "fedprox", "fedsgd",
+           "scaffold", "server_update"]

@@ -20,6 +20,11 @@ import jax
 import jax.numpy as jnp
 
 UPDATE_ATTACKS = ("sign_flip", "scale", "gaussian")
+# fold_in constants of the faults' random streams. Small integers would collide with
+# split(): fold_in(k, 0) and fold_in(k, 1) are split(k)'s two keys, and the same round key
+# also reaches the aggregator.
+ATTACK_STREAM = 0x4154_4B00    # "ATK"
+DROPOUT_STREAM = 0x4452_4F50   # "DROP"
 ATTACKS = UPDATE_ATTACKS + ("label_flip",)
 
 
@@ -47,7 +52,7 @@ def apply_faults(faults: Faults, updates, weights: jax.Array, index: jax.Array,
         metrics["attackers_in_cohort"] = jnp.sum(bad)
         if faults.attack in UPDATE_ATTACKS:
             leaves, treedef = jax.tree.flatten(updates)
-            keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+            keys = jax.random.split(jax.random.fold_in(key, ATTACK_STREAM), len(leaves))
 
             def corrupt(u, k):
                 if faults.attack == "sign_flip":
@@ -60,7 +65,7 @@ def apply_faults(faults: Faults, updates, weights: jax.Array, index: jax.Array,
 
             updates = jax.tree.unflatten(treedef, [corrupt(u, k) for u, k in zip(leaves, keys)])
     if faults.dropout > 0:
-        reports = jax.random.uniform(jax.random.fold_in(key, 2), (C,)) >= faults.dropout
+        reports = jax.random.uniform(jax.random.fold_in(key, DROPOUT_STREAM), (C,)) >= faults.dropout
         weights = jnp.where(reports, weights, 0.0)
         metrics["reporting_clients"] = jnp.sum(reports)
     else:

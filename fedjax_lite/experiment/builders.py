@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 from fedjax_lite import data as fdata
-from fedjax_lite.algorithms import fedavg
+from fedjax_lite.algorithms import fedavg, fednova, fedprox, fedsgd, scaffold
 from fedjax_lite.core import EngineOptions, FederatedAlgorithm, aggregators, client_mesh
 from fedjax_lite.core.aggregators import Aggregator
 from fedjax_lite.core.faults import Faults
@@ -126,19 +126,15 @@ def build_algorithm(config: Config, model: Model, engine: EngineOptions, *,
         return fedavg(model, client_optimizer=client_tx, server_optimizer=server_tx,
                       weighting=a.weighting, **local, **common)
     if a.name == "fedprox":
-        from fedjax_lite.algorithms.fedprox import fedprox
         return fedprox(model, client_optimizer=client_tx, server_optimizer=server_tx,
                        mu=a.mu, straggler_fraction=a.straggler_fraction,
                        drop_stragglers=a.drop_stragglers, weighting=a.weighting,
                        **local, **common)
     if a.name == "fedsgd":
-        from fedjax_lite.algorithms.fedsgd import fedsgd
         return fedsgd(model, server_optimizer=server_tx, weighting=a.weighting, **common)
     if a.name == "fednova":
-        from fedjax_lite.algorithms.fednova import fednova
         return fednova(model, client_optimizer=client_tx, server_optimizer=server_tx,
                        weighting=a.weighting, **local, **common)
-    from fedjax_lite.algorithms.scaffold import scaffold
     return scaffold(model, num_clients=num_clients, client_optimizer=client_tx,
                     client_learning_rate=a.client_optimizer.kwargs["learning_rate"],
                     server_optimizer=server_tx, **local, **common)

@@ -1,0 +1,70 @@
+"""Federated SGD: one full-batch gradient per client, one server step per round.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017, Sec. 2 (FederatedSGD, the C-fraction baseline of FedAvg), with the
+server step generalized as in FedOpt (Reddi et al., ICLR 2021):
+
+    for each round t:
+        S_t <- random cohort of m clients                          (core.round)
+        for each client k in S_t, in parallel:                      (vmap)
+            g_k = grad F_k(x_t),  F_k(w) = 1/n_k sum_{i in P_k} f_i(w)       (1)
+        g_t = sum_k p_k g_k / sum_k p_k,  p_k = n_k                 (2) (= grad f(x_t)
+                                                                     over the cohort)
+        x_{t+1} = ServerOpt(x_t, g_t)                               (3)
+
+With ServerOpt = SGD(eta) this is the paper's ``w_{t+1} <- w_t - eta sum_k (n_k/n) g_k``,
+which is FedAvg with one full-batch local step (E = 1, B = infinity) and client learning
+rate eta. The aggregator receives the deltas -g_k (and the server step the pseudo-gradient
+-(-g_t)), so every aggregator (robust, clipped, noised, quantized) works unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lite.algorithms.fedavg import (ServerState, client_weights, cohort_train_loss,
+                                           server_update)
+from fedjax_lite.core.aggregators import Aggregator, mean
+from fedjax_lite.core.faults import Faults, apply_faults
+from fedjax_lite.core.local import LocalStats
+from fedjax_lite.core.round import Cohort, EngineOptions, FederatedAlgorithm, map_cohort
+from fedjax_lite.models.base import Model, masked_mean_loss
+
+
+def fedsgd(model: Model, *, server_optimizer: optax.GradientTransformation,
+           weighting: str = "examples", aggregator: Aggregator | None = None,
+           faults: Faults = Faults(),
+           engine: EngineOptions = EngineOptions()) -> FederatedAlgorithm:
+    """Builds FedSGD. ``weighting``: ``examples`` (p_k = n_k, the paper's) or ``uniform``."""
+    aggregator = aggregator or mean()
+    client_weights(Cohort({}, jnp.zeros(0), jnp.zeros(0)), weighting)  # validate early
+
+    def init(params) -> ServerState:
+        return ServerState(params, server_optimizer.init(params), aggregator.init(params),
+                           jnp.zeros((), jnp.int32))
+
+    def client_gradient(server_params, x, y, n):
+        """ONE client: (1) over its n real examples (mask = arange(N) < n)."""
+        mask = jnp.arange(x.shape[0]) < n
+        loss, grads = jax.value_and_grad(masked_mean_loss, argnums=1)(model, server_params,
+                                                                      x, y, mask)
+        k = n.astype(jnp.float32)
+        return grads, LocalStats(loss * k, k, jnp.minimum(n, 1))
+
+    def apply(state: ServerState, cohort: Cohort, key: jax.Array):
+        agg_key, _ = jax.random.split(key)       # the same aggregation key as FedAvg's
+        chunk_fn = jax.vmap(lambda x, y, n: client_gradient(state.params, x, y, n))
+        grads, stats = map_cohort(chunk_fn, cohort, (), engine)
+        deltas = jax.tree.map(jnp.negative, grads)                         # -g_k
+        deltas, weights, fault_metrics = apply_faults(
+            faults, deltas, client_weights(cohort, weighting), cohort.index, agg_key)
+        delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
+                                                         agg_key)          # (2): -g_t
+        params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
+                                          delta)                           # (3)
+        metrics = {"train_loss": cohort_train_loss(stats), **fault_metrics, **agg_metrics}
+        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+
+    return FederatedAlgorithm(init, apply)
