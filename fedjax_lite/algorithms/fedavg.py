@@ -42,11 +42,18 @@ class ServerState(NamedTuple):
     round: jax.Array
 
 
-def server_update(tx: optax.GradientTransformation, params, opt_state, delta):
-    """x_{t+1} = ServerOpt(x_t, pseudo-gradient = -Delta_t)."""
+def server_update(tx: optax.GradientTransformation, params, opt_state, delta,
+                  weights: jax.Array):
+    """x_{t+1} = ServerOpt(x_t, pseudo-gradient = -Delta_t).
+
+    A round in which no client reported (all ``weights`` 0) keeps the model AND the
+    server optimizer state: a zero pseudo-gradient would still move FedAdam/FedAvgM.
+    """
     pseudo_grad = jax.tree.map(jnp.negative, delta)
-    updates, opt_state = tx.update(pseudo_grad, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    updates, new_opt_state = tx.update(pseudo_grad, opt_state, params)
+    reported = jnp.sum(weights) > 0
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(reported, a, b), new, old)
+    return keep(optax.apply_updates(params, updates), params), keep(new_opt_state, opt_state)
 
 
 def client_weights(cohort: Cohort, weighting: str) -> jax.Array:
@@ -97,7 +104,7 @@ def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
         delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
                                                          agg_key)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta)
+                                          delta, weights)
         metrics = {"train_loss": cohort_train_loss(stats), **fault_metrics, **agg_metrics}
         return ServerState(params, opt_state, agg_state, state.round + 1), metrics
 

@@ -78,7 +78,7 @@ def fednova(model: Model, *, client_optimizer: optax.GradientTransformation,
                                                            agg_key)
         delta = jax.tree.map(lambda a: tau_eff.astype(a.dtype) * a, neg_d_t)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta)                                   # (4)
+                                          delta, weights)                                   # (4)
         metrics = {"train_loss": cohort_train_loss(stats), "tau_eff": tau_eff,
                    **fault_metrics, **agg_metrics}
         return ServerState(params, opt_state, agg_state, state.round + 1), metrics

@@ -110,7 +110,7 @@ def fedprox(model: Model, *, client_optimizer: optax.GradientTransformation,
         delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
                                                          agg_key)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta)                           # (4)
+                                          delta, weights)                           # (4)
         metrics = {"train_loss": cohort_train_loss(stats),
                    "stragglers": jnp.sum(is_straggler.astype(jnp.int32)),
                    **fault_metrics, **agg_metrics}

@@ -63,7 +63,7 @@ def fedsgd(model: Model, *, server_optimizer: optax.GradientTransformation,
         delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
                                                          agg_key)          # (2): -g_t
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta)                           # (3)
+                                          delta, weights)                           # (3)
         metrics = {"train_loss": cohort_train_loss(stats), **fault_metrics, **agg_metrics}
         return ServerState(params, opt_state, agg_state, state.round + 1), metrics
 

@@ -152,7 +152,7 @@ def scaffold(model: Model, *, num_clients: int, client_optimizer: optax.Gradient
         delta_x, agg_state, agg_metrics = aggregator.apply(delta_y, weights,
                                                            state.agg_state, agg_key)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta_x)
+                                          delta_x, weights)
         # c <- c + (|S|/N) mean_{i in S} Delta c_i, S the reporting clients.
         delta_c = jax.tree.map(
             lambda d: jnp.where(reports.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0), delta_c)
