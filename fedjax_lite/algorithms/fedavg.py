@@ -56,12 +56,34 @@ def server_update(tx: optax.GradientTransformation, params, opt_state, delta,
     return keep(optax.apply_updates(params, updates), params), keep(new_opt_state, opt_state)
 
 
-def client_weights(cohort: Cohort, weighting: str) -> jax.Array:
-    """p_k: ``examples`` (n_k, McMahan et al.) or ``uniform`` (1)."""
+def check_weighting(weighting: str) -> None:
     if weighting not in ("examples", "uniform"):
         raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+
+
+def client_weights(cohort: Cohort, weighting: str) -> jax.Array:
+    """p_k: ``examples`` (n_k, McMahan et al.) or ``uniform`` (1)."""
+    check_weighting(weighting)
     return (cohort.n.astype(jnp.float32) if weighting == "examples"
             else jnp.ones(cohort.n.shape, jnp.float32))
+
+
+def server_state_init(server_optimizer: optax.GradientTransformation,
+                      aggregator: Aggregator):
+    """``init(params) -> ServerState`` shared by the FedAvg family."""
+    def init(params) -> ServerState:
+        return ServerState(params, server_optimizer.init(params), aggregator.init(params),
+                           jnp.zeros((), jnp.int32))
+    return init
+
+
+def data_loss(model: Model):
+    """The plain local objective: mean loss over the batch's real examples (reported as
+    is)."""
+    def loss_fn(p, xb, yb, mb):
+        loss = masked_mean_loss(model, p, xb, yb, mb)
+        return loss, loss
+    return loss_fn
 
 
 def cohort_train_loss(stats) -> jax.Array:
@@ -76,15 +98,9 @@ def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
            engine: EngineOptions = EngineOptions()) -> FederatedAlgorithm:
     """Builds FedAvg. ``weighting``: ``examples`` (p_k = n_k, the paper's) or ``uniform``."""
     aggregator = aggregator or mean()
-    client_weights(Cohort({}, jnp.zeros(0), jnp.zeros(0)), weighting)  # validate early
-
-    def init(params) -> ServerState:
-        return ServerState(params, server_optimizer.init(params), aggregator.init(params),
-                           jnp.zeros((), jnp.int32))
-
-    def loss_fn(p, xb, yb, mb):
-        loss = masked_mean_loss(model, p, xb, yb, mb)
-        return loss, loss
+    check_weighting(weighting)
+    init = server_state_init(server_optimizer, aggregator)
+    loss_fn = data_loss(model)
 
     def client_update(server_params, x, y, n, orders):
         """Clients k of a chunk: x_k <- ClientOpt epochs from x_t; Delta_k = x_k - x_t."""

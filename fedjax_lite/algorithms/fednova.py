@@ -27,14 +27,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.fedavg import (ServerState, client_weights, cohort_train_loss,
+from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, client_weights,
+                                           cohort_train_loss, data_loss, server_state_init,
                                            server_update)
 from fedjax_lite.core.aggregators import Aggregator, mean, weighted_mean
 from fedjax_lite.core.faults import Faults, apply_faults
 from fedjax_lite.core.local import local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
-from fedjax_lite.models.base import Model, masked_mean_loss
+from fedjax_lite.models.base import Model
 
 
 def fednova(model: Model, *, client_optimizer: optax.GradientTransformation,
@@ -46,15 +47,11 @@ def fednova(model: Model, *, client_optimizer: optax.GradientTransformation,
     step count tau_k is the paper's for vanilla SGD). ``weighting``: ``examples`` (p_k =
     n_k, the paper's) or ``uniform``."""
     aggregator = aggregator or mean()
-    client_weights(Cohort({}, jnp.zeros(0), jnp.zeros(0)), weighting)  # validate early
+    check_weighting(weighting)
 
-    def init(params) -> ServerState:
-        return ServerState(params, server_optimizer.init(params), aggregator.init(params),
-                           jnp.zeros((), jnp.int32))
+    init = server_state_init(server_optimizer, aggregator)
 
-    def loss_fn(p, xb, yb, mb):
-        loss = masked_mean_loss(model, p, xb, yb, mb)
-        return loss, loss
+    loss_fn = data_loss(model)
 
     def client_update(server_params, x, y, n, orders):
         """Clients k of a chunk: (1) then -d_k = (x_k - x_t) / tau_k (2)."""

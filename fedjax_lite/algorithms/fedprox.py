@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.fedavg import (ServerState, client_weights, cohort_train_loss,
+from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, client_weights,
+                                           cohort_train_loss, server_state_init,
                                            server_update)
 from fedjax_lite.core.aggregators import Aggregator, mean
 from fedjax_lite.core.faults import Faults, apply_faults
@@ -73,11 +74,9 @@ def fedprox(model: Model, *, client_optimizer: optax.GradientTransformation,
         raise ValueError(f"fedprox: straggler_fraction must be in [0, 1], got "
                          f"straggler_fraction={straggler_fraction}")
     aggregator = aggregator or mean()
-    client_weights(Cohort({}, jnp.zeros(0), jnp.zeros(0)), weighting)  # validate early
+    check_weighting(weighting)
 
-    def init(params) -> ServerState:
-        return ServerState(params, server_optimizer.init(params), aggregator.init(params),
-                           jnp.zeros((), jnp.int32))
+    init = server_state_init(server_optimizer, aggregator)
 
     def client_update(server_params, x, y, n, orders, num_epochs):
         """Clients k of a chunk: x_k <- ClientOpt E_k epochs on h_k (2); Delta_k."""

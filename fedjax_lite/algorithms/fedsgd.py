@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.fedavg import (ServerState, client_weights, cohort_train_loss,
+from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, client_weights,
+                                           cohort_train_loss, server_state_init,
                                            server_update)
 from fedjax_lite.core.aggregators import Aggregator, mean
 from fedjax_lite.core.faults import Faults, apply_faults
@@ -39,11 +40,9 @@ def fedsgd(model: Model, *, server_optimizer: optax.GradientTransformation,
            engine: EngineOptions = EngineOptions()) -> FederatedAlgorithm:
     """Builds FedSGD. ``weighting``: ``examples`` (p_k = n_k, the paper's) or ``uniform``."""
     aggregator = aggregator or mean()
-    client_weights(Cohort({}, jnp.zeros(0), jnp.zeros(0)), weighting)  # validate early
+    check_weighting(weighting)
 
-    def init(params) -> ServerState:
-        return ServerState(params, server_optimizer.init(params), aggregator.init(params),
-                           jnp.zeros((), jnp.int32))
+    init = server_state_init(server_optimizer, aggregator)
 
     def client_gradient(server_params, x, y, n):
         """ONE client: (1) over its n real examples (mask = arange(N) < n)."""
