@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -404,14 +403,11 @@ def throughput(args, out: Path) -> dict:
             t0 = time.time()
             argv = [sys.executable, os.path.abspath(__file__), "--one", algorithm, str(C),
                     "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                err = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-                print(f"{algorithm:9s} C={C:6d}: FAILED ({proc.returncode}) " + " / ".join(err))
-                results.append({"algorithm": algorithm, "C": C, "error": "\n".join(err)})
+            r, err = tp.run_child(argv)
+            if r is None:
+                print(f"{algorithm:9s} C={C:6d}: FAILED " + err.replace("\n", " / "))
+                results.append({"algorithm": algorithm, "C": C, "error": err})
                 continue
-            r = json.loads(lines[-1][len("RESULT "):])
             r["process_wall_s"] = time.time() - t0
             results.append(r)
             print(f"{algorithm:9s} C={C:6d}: {r['clients_per_s']:>10,.0f} clients/s  median "

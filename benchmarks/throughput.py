@@ -446,6 +446,16 @@ def machine_info() -> dict:
     }
 
 
+def run_child(argv: list[str]) -> tuple[dict | None, str]:
+    """Runs one measurement in a fresh process; (its RESULT dict, "") or (None, error)."""
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return None, f"({proc.returncode}) " + "\n".join(tail)
+    return json.loads(lines[-1][len("RESULT "):]), ""
+
+
 def child_argv(args, impl, C):
     argv = [sys.executable, os.path.abspath(__file__), "--one", impl, str(C),
             "--repeats", str(args.repeats), "--warmup", str(args.warmup),
@@ -571,14 +581,11 @@ def main(argv=None):
     for C in sizes:
         for impl in impls:
             t0 = time.time()
-            proc = subprocess.run(child_argv(args, impl, C), capture_output=True, text=True)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                err = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-                print(f"{impl:15s} C={C:6d}: FAILED ({proc.returncode}) " + " / ".join(err))
-                results.append({"impl": impl, "C": C, "error": "\n".join(err)})
+            r, err = run_child(child_argv(args, impl, C))
+            if r is None:
+                print(f"{impl:15s} C={C:6d}: FAILED " + err.replace("\n", " / "))
+                results.append({"impl": impl, "C": C, "error": err})
                 continue
-            r = json.loads(lines[-1][len("RESULT "):])
             r["process_wall_s"] = time.time() - t0
             results.append(r)
             print(f"{impl:15s} C={C:6d}: {r['clients_per_s']:>11,.0f} clients/s  "
