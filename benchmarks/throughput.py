@@ -443,7 +443,25 @@ def machine_info() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit, "fedjax_lite_dirty": dirty,
         "fedjax_lite_source_sha256": h.hexdigest()[:16],
+        "matmul_gflops": matmul_gflops(),
     }
+
+
+def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
+    """Best-of-``repeats`` float32 ``size``x``size`` jnp matmul rate of this process: a
+    yardstick for comparing runs on different machines (../shared/PLATFORM.md measured
+    ~450 GFLOP/s with 4096^2 on the machine behind its numbers)."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((size, size), jnp.float32)
+    f = jax.jit(lambda m: m @ m)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return round(2 * size ** 3 / best / 1e9, 1)
 
 
 def run_child(argv: list[str]) -> tuple[dict | None, str]:

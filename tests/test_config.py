@@ -1,5 +1,6 @@
 """Config validation: every bad input is one ConfigError line naming the key."""
 
+import numpy as np
 import pytest
 import yaml
 
@@ -65,6 +66,7 @@ model: {kind: multinomial_logistic_regression, num_classes: 10}
      r"'model.kind': logistic_regression is binary"),
     ({"engine": {"chunk_size": 0}}, r"'engine.chunk_size'"),
     ({"engine": {"devices": 0}}, r"'engine.devices'"),
+    ({"engine": {"group_by_size": "yes"}}, r"'engine.group_by_size'"),
     ({"algorithm": {"name": "fedavg", "mu": 0.1}},
      r"'algorithm.mu' applies only to algorithm.name in \(fedprox\), not 'fedavg'"),
     ({"aggregator": {"name": "median", "trim": 0.1}},
@@ -144,3 +146,16 @@ def test_yaml_is_loaded_safely(tmp_path):
     evil.write_text("rounds: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(cfg.ConfigError, match="not valid YAML"):
         cfg.load(str(evil))
+
+
+def test_auto_chunk_size_is_smaller_for_skewed_populations():
+    from fedjax_lite.experiment.builders import auto_chunk_size, engine_options
+    assert auto_chunk_size(np.full(100, 64)) == 64                 # workload W: equal sizes
+    assert auto_chunk_size(None) == 64
+    skewed = np.array([50, 60, 80, 100, 120, 3000])                # lognormal-like tail
+    assert auto_chunk_size(skewed) == 8
+    opts = engine_options(parse({"engine": {"devices": 1}}).engine, skewed)
+    assert opts.chunk_size == 8 and opts.group_by_size
+    opts = engine_options(parse({"engine": {"devices": 1, "chunk_size": 32,
+                                            "group_by_size": False}}).engine, skewed)
+    assert opts.chunk_size == 32 and not opts.group_by_size

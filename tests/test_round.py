@@ -270,9 +270,10 @@ def test_chunk_fn_is_traced_once_for_chunks_of_at_most_the_requested_size(
         assert k <= chunk_size and -(-C // k) == -(-C // chunk_size)
 
 
-@pytest.mark.parametrize("options", [EngineOptions(chunk_size=3),
-                                     EngineOptions(chunk_size=4),
-                                     EngineOptions(chunk_size=3, mesh=client_mesh())],
+@pytest.mark.parametrize("options", [EngineOptions(chunk_size=3, group_by_size=False),
+                                     EngineOptions(chunk_size=4, group_by_size=False),
+                                     EngineOptions(chunk_size=3, mesh=client_mesh(),
+                                                   group_by_size=False)],
                          ids=["chunk3", "chunk4", "mesh-chunk3"])
 def test_padding_clients_have_no_examples_and_never_reach_the_outputs(map_population,
                                                                       options):
@@ -347,3 +348,41 @@ def test_local_training_chunk_orders_do_not_depend_on_chunking(orders_population
     np.testing.assert_array_equal(n_out, n)
     np.testing.assert_array_equal(extra_out, extra)
     np.testing.assert_array_equal(x0, np.asarray(orders_population["x"])[index, 0, 0])
+
+
+@pytest.mark.parametrize("mesh", [None, "mesh"])
+def test_group_by_size_puts_similar_clients_in_a_chunk_and_keeps_cohort_order(
+        map_population, mesh):
+    """With ``group_by_size`` the chunks hold the cohort sorted by example count (largest
+    first; with a mesh, dealt round-robin over the devices), and the outputs still come
+    back in cohort order."""
+    index = COHORTS["c7"]
+    C = len(index)
+    options = EngineOptions(chunk_size=2, mesh=client_mesh() if mesh else None)
+
+    def chunk_fn(x, y, n, pos):
+        K = n.shape[0]
+        return {"pos": pos, "n": n, "chunk_min": jnp.broadcast_to(jnp.min(n), (K,)),
+                "chunk_max": jnp.broadcast_to(jnp.max(n), (K,))}
+
+    run = jax.jit(lambda pop, idx, pos: map_cohort(chunk_fn, make_cohort(pop, idx), (pos,),
+                                                   options))
+    out = run(map_population, jnp.asarray(index), jnp.arange(C, dtype=jnp.int32))
+    n = np.asarray(map_population["n"])[index]
+    assert len(set(n.tolist())) > 2  # the cohort has clients of several sizes
+    np.testing.assert_array_equal(out["pos"], np.arange(C))
+    np.testing.assert_array_equal(out["n"], n)
+    # Expected chunks: sort by size (stable, largest first; padding clients, n = 0, sort
+    # last), cut into chunks of K, chunk c on shard c % shards.
+    shards = 1 if options.mesh is None else options.mesh.devices.size
+    per_shard = -(-C // shards)
+    chunks = -(-per_shard // 2)
+    K = -(-per_shard // chunks)
+    padded = np.concatenate([n, np.full(shards * chunks * K - C, -1)])
+    order = np.argsort(-padded, kind="stable")
+    chunk_n = np.concatenate([n, np.zeros(len(padded) - C, n.dtype)])  # pads: n = 0
+    for c in range(shards * chunks):
+        members = order[c * K:(c + 1) * K]
+        for i in members[members < C]:
+            assert out["chunk_min"][i] == chunk_n[members].min()
+            assert out["chunk_max"][i] == chunk_n[members].max()

@@ -118,6 +118,24 @@ def test_orders_follow_the_documented_hash_sort():
             np.testing.assert_array_equal(out[k, e, :n[k]], np.argsort(h, kind="stable"))
 
 
+@pytest.mark.parametrize("largest", [50, 64, 100, 300])
+def test_orders_of_small_clients_in_a_long_padding_sort_only_what_they_need(largest):
+    """N = 300 (a 512-long network): a chunk whose largest client has ``largest``
+    examples sorts a shorter network (64, 64, 128, 512); every branch must give the
+    documented hash-sort order."""
+    N = 300
+    keys = make_keys(21, K6)
+    n = np.array([largest, 1, 7, largest // 2, 0, largest - 1], np.int32)
+    out = np.asarray(orders_jit(keys, jnp.asarray(n), N, E3))
+    seeds = np.asarray(_epoch_seeds(keys))
+    for k in range(K6):
+        for e in range(E3):
+            i = np.arange(n[k], dtype=np.uint64)
+            h = fmix32_reference((np.uint64(seeds[k, e]) ^ ((i * GOLDEN) & MASK32)))
+            np.testing.assert_array_equal(out[k, e, :n[k]], np.argsort(h, kind="stable"))
+            assert out[k, e].min() >= 0 and out[k, e].max() < N
+
+
 def test_orders_are_padding_invariant():
     keys = make_keys(3, K6)
     n = np.array([5, 1, 3, 5, 2, 4], np.int32)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 _GOLDEN = np.uint32(0x9E3779B9)
 _C1, _C2 = 0x85EBCA6B, 0xC2B2AE35
@@ -78,21 +79,53 @@ def _bitonic_sort_axis0(a: jax.Array) -> jax.Array:
     return a
 
 
+def _network_sizes(M: int) -> list[int]:
+    """Sorting-network lengths to choose from: M and its halves down to 64 (smaller
+    networks cost too little to be worth a branch)."""
+    sizes = [M]
+    while sizes[-1] > 64:
+        sizes.append(sizes[-1] // 2)
+    return sizes[::-1]
+
+
 def epoch_orders_lanes(keys: jax.Array, n: jax.Array, num_examples: int,
                        num_epochs: int) -> jax.Array:
-    """int32[E, N, K] (client axis minor): see :func:`epoch_orders`."""
+    """int32[E, N, K] (client axis minor): see :func:`epoch_orders`.
+
+    Only the first ``m`` keys are hashed and sorted, ``m`` the smallest network length
+    (a power of two, picked at run time with ``lax.switch``) that holds the largest
+    client: real keys sort before padding keys, so a longer network would put the same
+    indices first. A chunk of small clients from a skewed population therefore does not
+    pay for sorting the largest client's padded length.
+    """
     N, E = num_examples, num_epochs
     M = 1 << max(N - 1, 0).bit_length()                       # next power of two >= N
     seeds = jax.vmap(lambda k: jax.random.bits(k, (E,), jnp.uint32))(keys).T   # [E, K]
-    index = jnp.arange(M, dtype=jnp.uint32).reshape(M, 1, 1)
-    hashed = fmix32(seeds[None] ^ (index * _GOLDEN))                          # [M, E, K]
     n_u = n.astype(jnp.uint32)[None, None, :]
-    # Real keys are capped below the padding key; a real key hashing to 0xFFFFFFFF
-    # (probability 2^-32 per example) would then repeat one index in that epoch.
-    sort_keys = jnp.where(index < n_u, jnp.minimum(hashed, np.uint32(0xFFFFFFFE)),
-                          np.uint32(0xFFFFFFFF))
-    ranked = _bitonic_sort_axis0(sort_keys)[:N]                                # [N, E, K]
-    order = (fmix32_inverse(ranked) ^ seeds[None]) * _INV_GOLDEN              # h^-1
+
+    def sort_first(m: int):
+        def ranked_indices():
+            index = jnp.arange(m, dtype=jnp.uint32).reshape(m, 1, 1)
+            hashed = fmix32(seeds[None] ^ (index * _GOLDEN))                  # [m, E, K]
+            # Real keys are capped below the padding key; a real key hashing to
+            # 0xFFFFFFFF (probability 2^-32 per example) would then repeat one index.
+            sort_keys = jnp.where(index < n_u, jnp.minimum(hashed, np.uint32(0xFFFFFFFE)),
+                                  np.uint32(0xFFFFFFFF))
+            ranked = _bitonic_sort_axis0(sort_keys)[:min(m, N)]
+            order = (fmix32_inverse(ranked) ^ seeds[None]) * _INV_GOLDEN      # h^-1
+            if m < N:                           # rows past m are padding slots (below)
+                order = jnp.concatenate([order, jnp.zeros((N - m,) + order.shape[1:],
+                                                          order.dtype)])
+            return order
+        return ranked_indices
+
+    sizes = _network_sizes(M)
+    if len(sizes) == 1:
+        order = sort_first(M)()
+    else:
+        largest = jnp.max(n).astype(jnp.int32)
+        branch = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < largest)
+        order = lax.switch(branch, [sort_first(m) for m in sizes])
     position = jnp.arange(N, dtype=jnp.uint32).reshape(N, 1, 1)
     order = jnp.where(position < n_u, order, position)        # padding slots: any index
     return jnp.transpose(jnp.minimum(order, np.uint32(N - 1)).astype(jnp.int32), (1, 0, 2))

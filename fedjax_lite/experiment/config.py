@@ -177,14 +177,17 @@ class AttackConfig:
 class EngineConfig:
     """Speed knobs; results do not depend on them beyond float reassociation.
 
-    chunk_size: clients trained together (``auto``: 64 on CPU, the whole cohort on
-    GPU/TPU; ``all``: the whole cohort; or an integer). unroll: local step scan unroll.
-    devices: how many local devices the cohort is sharded over (``auto``: all; the CLI
-    exposes every CPU core as a device).
+    chunk_size: clients trained together (``auto``: on CPU 64, or 8 when client sizes
+    are skewed -- largest > 4x median; the whole cohort on GPU/TPU; ``all``: the whole
+    cohort; or an integer). unroll: local step scan unroll. devices: how many local
+    devices the cohort is sharded over (``auto``: all; the CLI exposes every CPU core as
+    a device). group_by_size: chunks hold clients of similar size (skewed populations
+    then skip most padded steps).
     """
     chunk_size: Union[int, Literal["auto", "all"]] = "auto"
     unroll: int = field(default=4, metadata=_POS_INT)
     devices: Union[int, Literal["auto"]] = "auto"
+    group_by_size: bool = True
 
 
 @dataclass(frozen=True)

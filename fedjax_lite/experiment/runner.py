@@ -79,7 +79,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         raise DataError(str(e)) from e
     train = apply_label_attack(config, train)
     model = build_model(config, train.feature_shape)
-    engine = engine_options(config.engine)
+    engine = engine_options(config.engine, train.n)
     algorithm = build_algorithm(config, model, engine, num_clients=train.num_clients)
     with open(config_path, "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
