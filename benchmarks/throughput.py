@@ -16,6 +16,15 @@ Implementations:
                   and batching per epoch
   numpy_batched   NumPy, all clients at once in matmul (einsum) form, per-epoch
                   per-client shuffle with rng.permuted
+  reference_kernel  a hardware yardstick, NOT a valid implementation of W: the fastest
+                  recipe in ../shared/PLATFORM.md (which measured it at 155,267 clients/s
+                  on one core and 250,931 on two at C=10000, on a machine doing ~450
+                  GFLOP/s on a 4096^2 matmul): contiguous batches of pre-shuffled data
+                  (no per-epoch reshuffle), steps-major layout, chunks of <= 16 clients in
+                  lax.map, step scan unrolled 4x, hand-written gradient, no optimizer
+                  state, cohort sharded over every device. Running it on the machine at
+                  hand says how far that machine is from the one behind PLATFORM.md's
+                  numbers.
 
 Throughput = clients / median wall time of one round (training + aggregation + server
 step; no compile, no evaluation). Every (implementation, C) runs in its own subprocess
@@ -54,7 +63,7 @@ CLIENT_LR = 0.1
 SERVER_LR = 1.0
 DATA_SEED = 0
 
-IMPLS = ("engine", "per_client_jit", "per_step_jit", "numpy_batched")
+IMPLS = ("engine", "per_client_jit", "per_step_jit", "numpy_batched", "reference_kernel")
 # Python-loop baselines are linear in C; above this many clients only the first
 # LOOP_CAP clients are trained per timed round (clients/s is reported, see clients_timed).
 DEFAULT_LOOP_CAP = {"per_client_jit": 10000, "per_step_jit": 1000}
@@ -206,6 +215,75 @@ def numpy_batched_round(params, x, y, n, rng, perms=None, dtype=np.float32,
             "b": np.asarray(b0 + dtype(SERVER_LR) * db, dtype)}
 
 
+# ---- reference kernel (yardstick) ----------------------------------------------------
+REF_CHUNK = 16
+
+
+def reference_kernel(C: int):
+    """``(round_fn, layout)``: ``layout(x, y, n)`` puts the data steps-major and padded
+    ([S, C', B, D], shards of whole chunks; padding clients have weight 0);
+    ``round_fn(params, xs, ys, wts) -> params`` is one FedAvg round on it with the epochs'
+    example order fixed (batches are contiguous slices of the stored order)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices = jax.local_devices()
+    shards = len(devices)
+    per_shard = -(-C // shards)
+    chunks = -(-per_shard // REF_CHUNK)
+    K = -(-per_shard // chunks)
+    padded = shards * chunks * K
+    mesh = Mesh(np.array(devices), ("clients",))
+
+    def layout(x, y, n):
+        pad = padded - C
+        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+        y = np.concatenate([y, np.zeros((pad,) + y.shape[1:], y.dtype)]).astype(np.float32)
+        wts = np.concatenate([n, np.zeros(pad, n.dtype)]).astype(np.float32)
+        xs = x.reshape(padded, STEPS, BATCH, DIM).transpose(1, 0, 2, 3)
+        ys = y.reshape(padded, STEPS, BATCH).transpose(1, 0, 2)
+        put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+        return (put(np.ascontiguousarray(xs), P(None, "clients")),
+                put(np.ascontiguousarray(ys), P(None, "clients")), put(wts, P("clients")))
+
+    def shard(w0, b0, xs, ys, wts):
+        def one(c):
+            xc = lax.dynamic_slice_in_dim(xs, c * K, K, axis=1)       # [S, K, B, D]
+            yc = lax.dynamic_slice_in_dim(ys, c * K, K, axis=1)
+            wc = lax.dynamic_slice_in_dim(wts, c * K, K)
+
+            def step(carry, s):
+                w, b = carry
+                xb, yb = xc[s % STEPS], yc[s % STEPS]
+                z = jnp.einsum("kbd,kd->kb", xb, w) + b[:, None]
+                r = (jax.nn.sigmoid(z) - yb) / BATCH
+                return (w - CLIENT_LR * jnp.einsum("kbd,kb->kd", xb, r),
+                        b - CLIENT_LR * r.sum(1)), None
+
+            w = jnp.broadcast_to(w0, (K, DIM))
+            b = jnp.broadcast_to(b0, (K,))
+            (w, b), _ = lax.scan(step, (w, b), jnp.arange(EPOCHS * STEPS), unroll=4)
+            return wc @ (w - w0), wc @ (b - b0)
+
+        dw, db = lax.map(one, jnp.arange(chunks))
+        tot = lax.psum(jnp.sum(wts), "clients")
+        return (lax.psum(dw.sum(0), "clients") / tot, lax.psum(db.sum(0), "clients") / tot)
+
+    sharded = jax.shard_map(shard, mesh=mesh,
+                            in_specs=(P(), P(), P(None, "clients"), P(None, "clients"),
+                                      P("clients")),
+                            out_specs=(P(), P()), check_vma=False)
+
+    @jax.jit
+    def round_fn(params, xs, ys, wts):
+        dw, db = sharded(params["w"], params["b"], xs, ys, wts)
+        return {"w": params["w"] + SERVER_LR * dw, "b": params["b"] + SERVER_LR * db}
+
+    return round_fn, layout
+
+
 # ---- engine ---------------------------------------------------------------------------
 def engine_options(args):
     import jax
@@ -316,6 +394,22 @@ def run_one(impl: str, C: int, args) -> dict:
                 info["first_call_s"] = dt
             if r >= warmup:
                 times.append(dt)
+    elif impl == "reference_kernel":
+        round_fn, layout = reference_kernel(C)
+        xs, ys, wts = layout(x, y, n)
+        del x
+        gc.collect()
+        params = jax.device_put(zero_params())
+        info["setup_peak_rss_mb"] = rss_mb()
+        for r in range(warmup + repeats):
+            t0 = time.perf_counter()
+            params = round_fn(params, xs, ys, wts)
+            jax.block_until_ready(params)
+            dt = time.perf_counter() - t0
+            if r == 0:
+                info["first_call_s"] = dt
+            if r >= warmup:
+                times.append(dt)
     else:
         raise SystemExit(f"unknown implementation {impl!r}; choose from {IMPLS}")
 
@@ -392,6 +486,16 @@ def check(args) -> None:
     wdiff = np.asarray(st.params["w"]) - p4["w"]
     print(f"      |w_engine - w_baseline| / |w_baseline| = "
           f"{np.linalg.norm(wdiff) / np.linalg.norm(p4['w']):.3f} (different shuffles)")
+
+    # Reference kernel: FedAvg with every epoch in stored order (no reshuffle).
+    ident = np.zeros((C, EPOCHS, N_EX), np.int64) + np.arange(N_EX)
+    kfn, layout = reference_kernel(C)
+    xs, ys, wts = layout(x, y, n)
+    pk, q = jax.device_put(zero_params()), zero_params()
+    for r in range(R):
+        pk = kfn(pk, xs, ys, wts)
+        q = numpy_batched_round(q, x, y, n, dummy, perms=ident, dtype=np.float64)
+    close(f"reference_kernel ({R} rounds, stored order) vs numpy float64", pk, q)
 
     # Engine: chunking is a speed knob only -> whole-cohort (chunk None) == chunked.
     from fedjax_lite.core import EngineOptions
