@@ -110,6 +110,9 @@ def build_aggregator(config: Config) -> Aggregator:
         return aggregators.krum(g.num_byzantine)
     if g.name == "multi_krum":
         return aggregators.multi_krum(g.num_byzantine, g.num_selected)
+    if g.name == "dp_gaussian":
+        return aggregators.dp_gaussian(g.clip_norm, g.noise_multiplier,
+                                       expected_clients=config.algorithm.clients_per_round)
     return aggregators.norm_bound(g.max_norm)
 
 

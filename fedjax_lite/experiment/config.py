@@ -141,10 +141,11 @@ class AlgorithmConfig:
 
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
-               "norm_bound")
+               "norm_bound", "dp_gaussian")
 AGGREGATOR_KEYS = {"trim": ("trimmed_mean",), "num_byzantine": ("krum", "multi_krum"),
                    "num_selected": ("multi_krum",), "max_norm": ("norm_bound",),
-                   "max_iters": ("geometric_median",)}
+                   "max_iters": ("geometric_median",), "clip_norm": ("dp_gaussian",),
+                   "noise_multiplier": ("dp_gaussian",), "delta": ("dp_gaussian",)}
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,13 @@ class AggregatorConfig:
     num_selected: int = field(default=2, metadata=_POS_INT)
     max_norm: float = field(default=1.0, metadata=_POS)
     max_iters: int = field(default=10, metadata=_POS_INT)
+    # dp_gaussian (DP-FedAvg): clip to clip_norm, noise std noise_multiplier * clip_norm;
+    # (epsilon, delta) reported with this delta
+    clip_norm: float = field(default=1.0, metadata=_POS)
+    noise_multiplier: float = field(default=1.0, metadata=_check(lambda v: v >= 0,
+                                                                 "a number >= 0"))
+    delta: float = field(default=1e-5, metadata=_check(lambda v: 0 < v < 1,
+                                                       "a number in (0, 1)"))
 
 
 @dataclass(frozen=True)
@@ -425,6 +433,10 @@ def parse(raw: dict) -> Config:
             merged = OptimizerConfig(expected.name, {**expected.kwargs, **given_opt.kwargs})
             config = dataclasses.replace(config, algorithm=dataclasses.replace(
                 config.algorithm, server_optimizer=merged))
+    if config.aggregator.name == "dp_gaussian" and config.algorithm.weighting != "uniform":
+        raise ConfigError("config key 'algorithm.weighting': aggregator dp_gaussian weights "
+                          "every client equally (bounded sensitivity); set "
+                          "algorithm.weighting: uniform")
     if name in ("scaffold", "fednova") and config.algorithm.client_optimizer.name != "sgd":
         raise ConfigError(f"config key 'algorithm.client_optimizer.name': {name} is defined "
                           f"for plain client SGD, got "

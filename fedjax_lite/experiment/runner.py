@@ -137,9 +137,12 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         # except counts of events, which are totals
         for k, v in sorted(window["extra"].items()):
             row[k] = v if k == "rounds_without_reports" else v / max(window["rounds"], 1)
+        if privacy is not None:
+            row["epsilon"] = privacy(round_num)
         writer.write(row)
         return row
 
+    privacy = privacy_budget(config, train.num_clients)
     total = {"rounds": 0, "time": 0.0}
     last_row = None
     if start == 0:
@@ -199,6 +202,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         "num_train_examples": train.num_examples,
         "num_test_examples": test.num_examples,
         "resumed_from_round": start if resume else None,
+        **({} if privacy is None else {"privacy": privacy_summary(config, train.num_clients)}),
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
@@ -208,6 +212,29 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     plot_curves(os.path.join(out_dir, "curves.png"), rows,
                 title=f"{config.algorithm.name} on {config.data.kind}")
     return summary
+
+
+def privacy_budget(config: cfg.Config, num_clients: int):
+    """``rounds -> epsilon`` spent by DP-FedAvg (``aggregator: dp_gaussian``), else None:
+    the RDP accountant of the sampled Gaussian mechanism with q = clients_per_round /
+    num_clients (``fedjax_lite.privacy``)."""
+    g = config.aggregator
+    if g.name != "dp_gaussian":
+        return None
+    from fedjax_lite.privacy import dp_epsilon
+    q = config.algorithm.clients_per_round / num_clients
+    if g.noise_multiplier == 0:          # no noise: no guarantee after any round (null)
+        return lambda rounds: None if rounds else 0.0
+    return lambda rounds: dp_epsilon(q, g.noise_multiplier, rounds, g.delta).epsilon
+
+
+def privacy_summary(config: cfg.Config, num_clients: int) -> dict:
+    g = config.aggregator
+    return {"epsilon": privacy_budget(config, num_clients)(config.rounds), "delta": g.delta,
+            "noise_multiplier": g.noise_multiplier, "clip_norm": g.clip_norm,
+            "sampling_probability": config.algorithm.clients_per_round / num_clients,
+            "accountant": "RDP of the sampled Gaussian mechanism (Mironov et al. 2019), "
+                          "Poisson-sampling approximation of the fixed-size cohort"}
 
 
 def _progress(total: int, initial: int, enabled: bool):
