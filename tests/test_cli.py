@@ -251,3 +251,14 @@ def test_dp_fedavg_reports_the_privacy_spent(tmp_path):
     assert summary["privacy"]["sampling_probability"] == pytest.approx(q)
     assert 0 <= rows[-1]["clipped_fraction"] <= 1 and rows[-1]["noise_std"] == pytest.approx(
         1.2 * 0.5 / 7)
+
+
+def test_compressed_uploads_are_counted(tmp_path):
+    raw = {**SMALL, "checkpoint_every": 0, "compression": {"kind": "qsgd", "bits": 4}}
+    out = tmp_path / "q"
+    assert main(["run", write_config(tmp_path, raw), "--out", str(out), "--no-progress"]) == 0
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    d = 5 + 1                                        # 5 features + bias
+    for r in rows[1:]:                               # 7 clients per round, all report
+        assert r["upload_bytes"] == pytest.approx(7 * (32 + 4 * d) / 8)
+        assert r["upload_bytes_uncompressed"] == pytest.approx(7 * 32 * d / 8)

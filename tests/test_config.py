@@ -67,6 +67,10 @@ model: {kind: multinomial_logistic_regression, num_classes: 10}
     ({"engine": {"chunk_size": 0}}, r"'engine.chunk_size'"),
     ({"engine": {"devices": 0}}, r"'engine.devices'"),
     ({"engine": {"group_by_size": "yes"}}, r"'engine.group_by_size'"),
+    ({"compression": {"kind": "qsgd", "fraction": 0.1}},
+     r"'compression.fraction' applies only to compression.kind in \(top_k\), not 'qsgd'"),
+    ({"compression": {"kind": "qsgd", "bits": 1}}, r"'compression.bits': got 1"),
+    ({"compression": {"kind": "zip"}}, r"'compression.kind'"),
     ({"aggregator": {"name": "mean", "clip_norm": 1.0}},
      r"'aggregator.clip_norm' applies only to aggregator.name in \(dp_gaussian\)"),
     ({"aggregator": {"name": "dp_gaussian"}}, r"'algorithm.weighting'.*set algorithm.weighting: "
@@ -167,3 +171,10 @@ def test_auto_chunk_size_is_smaller_for_skewed_populations():
     opts = engine_options(parse({"engine": {"devices": 1, "chunk_size": 32,
                                             "group_by_size": False}}).engine, skewed)
     assert opts.chunk_size == 32 and not opts.group_by_size
+
+
+def test_compression_round_trips_through_to_dict():
+    c = parse({"compression": {"kind": "top_k", "fraction": 0.05}})
+    d = cfg.to_dict(c)
+    assert d["compression"] == {"kind": "top_k", "fraction": 0.05}
+    assert parse(d) == c

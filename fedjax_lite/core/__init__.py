@@ -1,6 +1,6 @@
 """Device-side engine: local training, aggregation, the jitted round, evaluation."""
 
-from fedjax_lite.core import aggregators
+from fedjax_lite.core import aggregators, compression
 from fedjax_lite.core.aggregators import Aggregator, mean, weighted_mean
 from fedjax_lite.core.evaluate import build_evaluate
 from fedjax_lite.core.local import LocalStats, local_train, local_train_chunk
@@ -8,7 +8,7 @@ from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, b
                                     client_keys, client_mesh, local_training_chunk,
                                     make_cohort, map_cohort, round_key, sample_cohort)
 
-__all__ = ["Aggregator", "aggregators", "Cohort", "EngineOptions", "FederatedAlgorithm", "LocalStats",
+__all__ = ["Aggregator", "aggregators", "compression", "Cohort", "EngineOptions", "FederatedAlgorithm", "LocalStats",
            "build_evaluate", "build_round", "client_keys", "client_mesh", "local_train",
            "local_train_chunk", "local_training_chunk", "make_cohort", "map_cohort", "mean",
            "round_key", "sample_cohort", "weighted_mean"]

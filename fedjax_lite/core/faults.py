@@ -10,6 +10,9 @@
   N(0, noise_std^2) noise). ``label_flip`` corrupts their training labels instead, which
   is done once on the host (:func:`fedjax_lite.data.flip_labels`): a fixed attacker
   always trains on flipped labels, so this is the same thing.
+* Uplink compression (``compressor``, :mod:`fedjax_lite.core.compression`): what reaches
+  the server is the decoded compressed update; metrics ``upload_bytes`` (total over
+  reporting clients) and ``upload_bytes_uncompressed`` (float32) count the payloads.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_lite.core.compression import Compressor, identity
+
 UPDATE_ATTACKS = ("sign_flip", "scale", "gaussian")
 # fold_in constants of the faults' random streams. Small integers would collide with
 # split(): fold_in(k, 0) and fold_in(k, 1) are split(k)'s two keys, and the same round key
 # also reaches the aggregator.
 ATTACK_STREAM = 0x4154_4B00    # "ATK"
 DROPOUT_STREAM = 0x4452_4F50   # "DROP"
+COMPRESS_STREAM = 0x434F_4D50  # "COMP"
 ATTACKS = UPDATE_ATTACKS + ("label_flip",)
 
 
@@ -34,6 +40,7 @@ class Faults(NamedTuple):
     attackers: jax.Array | None = None   # bool[K]: population rows that are Byzantine
     scale: float = 1.0
     noise_std: float = 1.0
+    compressor: Compressor | None = None   # uplink compression (None: float32 as is)
 
 
 def apply_faults(faults: Faults, updates, weights: jax.Array, index: jax.Array,
@@ -43,7 +50,8 @@ def apply_faults(faults: Faults, updates, weights: jax.Array, index: jax.Array,
     Args:
       updates: pytree, leading axis C; weights: float[C]; index: int32[C] population rows.
     Returns:
-      (updates, weights, metrics) with ``attackers_in_cohort`` and ``reporting_clients``.
+      (updates, weights, metrics) with ``attackers_in_cohort``, ``reporting_clients`` and,
+      with a compressor, ``upload_bytes`` / ``upload_bytes_uncompressed``.
     """
     C = weights.shape[0]
     metrics = {}
@@ -70,4 +78,11 @@ def apply_faults(faults: Faults, updates, weights: jax.Array, index: jax.Array,
         metrics["reporting_clients"] = jnp.sum(reports)
     else:
         metrics["reporting_clients"] = jnp.asarray(C)
+    if faults.compressor is not None:
+        updates, bits = faults.compressor.apply(updates,
+                                                jax.random.fold_in(key, COMPRESS_STREAM))
+        _, raw_bits = identity().apply(updates, key)
+        sent = (weights > 0).astype(jnp.float32)
+        metrics["upload_bytes"] = jnp.sum(sent * bits) / 8.0
+        metrics["upload_bytes_uncompressed"] = jnp.sum(sent * raw_bits) / 8.0
     return updates, weights, metrics

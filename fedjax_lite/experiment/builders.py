@@ -9,7 +9,8 @@ import optax
 
 from fedjax_lite import data as fdata
 from fedjax_lite.algorithms import fedavg, fednova, fedprox, fedsgd, scaffold
-from fedjax_lite.core import EngineOptions, FederatedAlgorithm, aggregators, client_mesh
+from fedjax_lite.core import (EngineOptions, FederatedAlgorithm, aggregators, client_mesh,
+                              compression)
 from fedjax_lite.core.aggregators import Aggregator
 from fedjax_lite.core.faults import Faults
 from fedjax_lite.experiment import config as cfg
@@ -125,7 +126,17 @@ def build_faults(config: Config, num_clients: int) -> Faults:
                                                        config.seed))
     return Faults(dropout=config.clients.dropout,
                   attack=None if attack.kind == "none" else attack.kind,
-                  attackers=attackers, scale=attack.scale, noise_std=attack.noise_std)
+                  attackers=attackers, scale=attack.scale, noise_std=attack.noise_std,
+                  compressor=build_compressor(config))
+
+
+def build_compressor(config: Config) -> compression.Compressor | None:
+    c = config.compression
+    if c.kind == "qsgd":
+        return compression.qsgd(c.bits)
+    if c.kind == "top_k":
+        return compression.top_k(c.fraction)
+    return None
 
 
 def apply_label_attack(config: Config, train: fdata.Population) -> fdata.Population:

@@ -181,6 +181,19 @@ class AttackConfig:
     noise_std: float = field(default=1.0, metadata=_POS)   # gaussian
 
 
+COMPRESSION_KEYS = {"bits": ("qsgd",), "fraction": ("top_k",)}
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Uplink compression of client updates (``fedjax_lite.core.compression``)."""
+    kind: Literal["none", "qsgd", "top_k"] = "none"
+    bits: int = field(default=8, metadata=_check(lambda v: 2 <= v <= 16,
+                                                 "an integer in [2, 16]"))
+    fraction: float = field(default=0.01, metadata=_check(lambda v: 0 < v <= 1,
+                                                          "a number in (0, 1]"))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Speed knobs; results do not depend on them beyond float reassociation.
@@ -210,6 +223,7 @@ class Config:
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
@@ -403,11 +417,11 @@ def load_raw(path: str) -> dict:
     return raw
 
 
-def _only_for(raw: dict, section: str, name: str, keys: dict) -> None:
+def _only_for(raw: dict, section: str, name: str, keys: dict, field: str = "name") -> None:
     for key, owners in keys.items():
         if key in raw and name not in owners:
             raise ConfigError(f"config key '{section}.{key}' applies only to "
-                              f"{section}.name in ({', '.join(owners)}), not {name!r}")
+                              f"{section}.{field} in ({', '.join(owners)}), not {name!r}")
 
 
 def parse(raw: dict) -> Config:
@@ -418,6 +432,8 @@ def parse(raw: dict) -> Config:
     _only_for(algo_raw, "algorithm", name, ALGORITHM_ONLY_KEYS)
     _only_for(raw.get("aggregator") or {}, "aggregator", config.aggregator.name,
               AGGREGATOR_KEYS)
+    _only_for(raw.get("compression") or {}, "compression", config.compression.kind,
+              COMPRESSION_KEYS, field="kind")
     if name in SERVER_OPTIMIZER_OF:
         expected = SERVER_OPTIMIZER_OF[name]
         given = algo_raw.get("server_optimizer")
@@ -475,9 +491,11 @@ def to_dict(config: Config) -> dict:
         if isinstance(obj, OptimizerConfig):
             return {"name": obj.name, **obj.kwargs}
         if dataclasses.is_dataclass(obj):
-            only = {AlgorithmConfig: ALGORITHM_ONLY_KEYS,
-                    AggregatorConfig: AGGREGATOR_KEYS}.get(type(obj), {})
+            only, by = {AlgorithmConfig: (ALGORITHM_ONLY_KEYS, "name"),
+                        AggregatorConfig: (AGGREGATOR_KEYS, "name"),
+                        CompressionConfig: (COMPRESSION_KEYS, "kind")}.get(type(obj),
+                                                                           ({}, None))
             return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if f.name not in only or getattr(obj, "name") in only[f.name]}
+                    if f.name not in only or getattr(obj, by) in only[f.name]}
         return obj
     return convert(config)
