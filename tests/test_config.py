@@ -71,6 +71,9 @@ model: {kind: multinomial_logistic_regression, num_classes: 10}
      r"'compression.fraction' applies only to compression.kind in \(top_k\), not 'qsgd'"),
     ({"compression": {"kind": "qsgd", "bits": 1}}, r"'compression.bits': got 1"),
     ({"compression": {"kind": "zip"}}, r"'compression.kind'"),
+    ({"aggregator": {"name": "secure_mean"}}, r"secure_mean reveals only the sum"),
+    ({"aggregator": {"name": "secure_mean", "bits": 30},
+      "algorithm": {"weighting": "uniform"}}, r"'aggregator.bits': got 30"),
     ({"aggregator": {"name": "mean", "clip_norm": 1.0}},
      r"'aggregator.clip_norm' applies only to aggregator.name in \(dp_gaussian\)"),
     ({"aggregator": {"name": "dp_gaussian"}}, r"'algorithm.weighting'.*set algorithm.weighting: "

@@ -162,3 +162,67 @@ def _flat_jnp(t):
 def test_dp_gaussian_rejects_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         dp_gaussian(*args)
+
+
+# ---------------------------------------------------------------- secure aggregation
+
+from fedjax_lite.core.aggregators import secure_mean  # noqa: E402
+
+
+def test_secure_mean_is_the_fixed_point_mean_of_the_reporting_clients():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 7)) * 0.4
+    x[0, 0], x[2, 3] = 3.0, -5.0                         # clipped at c = 1
+    w = np.array([1.0, 0.0, 2.0, 1.0, 1.0, 1.0])         # client 1 did not report
+    x[1] = np.nan
+    c, bits = 1.0, 12
+    agg = secure_mean(c, bits)
+    keys = jax.random.split(jax.random.key(0), 1000)
+    wj = jnp.asarray(w, jnp.float32)
+    outs = np.asarray(jax.jit(jax.vmap(
+        lambda k: _flat_jnp(agg.apply(_tree(x), wj, (), k)[0])))(keys))
+    rep = w > 0
+    target = np.clip(x[rep], -c, c).mean(0)              # unweighted mean, clipped
+    step = 2 * c / (2 ** bits - 1)
+    # each decode is within one fixed-point step of the target (stochastic rounding) ...
+    assert np.max(np.abs(outs - target)) <= step + 1e-5
+    # ... and unbiased over rounds
+    assert np.max(np.abs(outs.mean(0) - target)) < 4 * step / np.sqrt(len(outs)) + 1e-6
+    _, _, metrics = jax.jit(agg.apply)(_tree(x), wj, (), keys[0])
+    assert float(metrics["secagg_clipped_fraction"]) == pytest.approx(2 / (5 * 7))
+    assert float(metrics["secagg_bytes_per_client"]) == (bits + 3) * 7 / 8   # C = 6
+
+
+def test_secure_mean_masked_uploads_look_uniform():
+    """What the server receives from a client is uniform over Z_R whatever the update
+    (chi-square of the top bits), yet the uploads sum to the encodings' sum."""
+    import functools
+    from fedjax_lite.core.aggregators import secagg_uploads
+    C, D, bits, r = 4, 4096, 8, 10
+    uploads = jax.jit(functools.partial(secagg_uploads, clip_value=1.0, bits=bits,
+                                        modulus_bits=r))
+    mask = jnp.ones(C, bool)
+    for val in (0.0, 0.9, -1.0, 1.0):
+        flat = jnp.full((C, D), val, jnp.float32)
+        sent = np.asarray(uploads(flat, mask, jax.random.key(11)))
+        for k in range(C):
+            counts = np.bincount(sent[k] >> (r - 3), minlength=8)    # top 3 bits
+            chi2 = np.sum((counts - D / 8) ** 2 / (D / 8))
+            assert chi2 < 35.0, (val, k, counts)                      # df 7, p ~ 1e-5
+        total = np.sum(sent.astype(np.int64), axis=0) % (1 << r)
+        grid = (val + 1) / 2 * (2 ** bits - 1)        # each client rounds to floor or ceil
+        assert np.all((total >= C * math.floor(grid)) & (total <= C * math.ceil(grid)))
+    # a client that does not report sends nothing and carries no mask
+    sent = np.asarray(uploads(jnp.full((C, D), 0.5), jnp.array([1, 0, 1, 1], bool),
+                              jax.random.key(1)))
+    assert np.all(sent[1] == 0)
+    total = np.sum(sent.astype(np.int64), 0) % (1 << r)
+    grid = 0.75 * (2 ** bits - 1)
+    assert np.all((total >= 3 * math.floor(grid)) & (total <= 3 * math.ceil(grid)))
+
+
+def test_secure_mean_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="clip_value must be > 0"):
+        secure_mean(0.0)
+    with pytest.raises(ValueError, match="bits must be an integer"):
+        secure_mean(1.0, bits=40)

@@ -111,6 +111,8 @@ def build_aggregator(config: Config) -> Aggregator:
         return aggregators.krum(g.num_byzantine)
     if g.name == "multi_krum":
         return aggregators.multi_krum(g.num_byzantine, g.num_selected)
+    if g.name == "secure_mean":
+        return aggregators.secure_mean(g.clip_value, g.bits)
     if g.name == "dp_gaussian":
         return aggregators.dp_gaussian(g.clip_norm, g.noise_multiplier,
                                        expected_clients=config.algorithm.clients_per_round)

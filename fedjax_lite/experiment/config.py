@@ -141,11 +141,12 @@ class AlgorithmConfig:
 
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
-               "norm_bound", "dp_gaussian")
+               "norm_bound", "dp_gaussian", "secure_mean")
 AGGREGATOR_KEYS = {"trim": ("trimmed_mean",), "num_byzantine": ("krum", "multi_krum"),
                    "num_selected": ("multi_krum",), "max_norm": ("norm_bound",),
                    "max_iters": ("geometric_median",), "clip_norm": ("dp_gaussian",),
-                   "noise_multiplier": ("dp_gaussian",), "delta": ("dp_gaussian",)}
+                   "noise_multiplier": ("dp_gaussian",), "delta": ("dp_gaussian",),
+                   "clip_value": ("secure_mean",), "bits": ("secure_mean",)}
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,10 @@ class AggregatorConfig:
                                                                  "a number >= 0"))
     delta: float = field(default=1e-5, metadata=_check(lambda v: 0 < v < 1,
                                                        "a number in (0, 1)"))
+    # secure_mean (secure aggregation simulated): per-coordinate clip, fixed-point bits
+    clip_value: float = field(default=1.0, metadata=_POS)
+    bits: int = field(default=16, metadata=_check(lambda v: 2 <= v <= 24,
+                                                  "an integer in [2, 24]"))
 
 
 @dataclass(frozen=True)
@@ -452,6 +457,10 @@ def parse(raw: dict) -> Config:
     if config.aggregator.name == "dp_gaussian" and config.algorithm.weighting != "uniform":
         raise ConfigError("config key 'algorithm.weighting': aggregator dp_gaussian weights "
                           "every client equally (bounded sensitivity); set "
+                          "algorithm.weighting: uniform")
+    if config.aggregator.name == "secure_mean" and config.algorithm.weighting != "uniform":
+        raise ConfigError("config key 'algorithm.weighting': aggregator secure_mean reveals "
+                          "only the sum of the updates (an unweighted mean); set "
                           "algorithm.weighting: uniform")
     if name in ("scaffold", "fednova") and config.algorithm.client_optimizer.name != "sgd":
         raise ConfigError(f"config key 'algorithm.client_optimizer.name': {name} is defined "
