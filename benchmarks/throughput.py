@@ -328,6 +328,21 @@ def cpu_pressure() -> str | None:
         return None
 
 
+def time_rounds(one_round, warmup: int, repeats: int, info: dict) -> list[float]:
+    """Wall times of ``one_round(r)`` (which must block until its result is ready) for
+    r >= warmup; the first call's time goes to ``info["first_call_s"]``."""
+    times = []
+    for r in range(warmup + repeats):
+        t0 = time.perf_counter()
+        one_round(r)
+        dt = time.perf_counter() - t0
+        if r == 0:
+            info["first_call_s"] = dt
+        if r >= warmup:
+            times.append(dt)
+    return times
+
+
 def run_one(impl: str, C: int, args) -> dict:
     import jax
     repeats, warmup = args.repeats, args.warmup
@@ -336,7 +351,6 @@ def run_one(impl: str, C: int, args) -> dict:
     timed = min(C, cap) if cap else C
     info: dict = {"impl": impl, "C": C, "clients_timed": timed,
                   "loadavg_start": os.getloadavg()}
-    times: list[float] = []
 
     if impl == "engine":
         from jax.sharding import NamedSharding, PartitionSpec
@@ -352,16 +366,15 @@ def run_one(impl: str, C: int, args) -> dict:
         gc.collect()
         root = jax.random.key(1)
         info["setup_peak_rss_mb"] = rss_mb()
-        for r in range(warmup + repeats):
-            t0 = time.perf_counter()
-            state, metrics = round_fn(state, population, jax.random.fold_in(root, r))
-            jax.block_until_ready(state)
-            dt = time.perf_counter() - t0
-            if r == 0:
-                info["first_call_s"] = dt
-            if r >= warmup:
-                times.append(dt)
-        info["final_train_loss"] = float(metrics["train_loss"])
+        carry = {"state": state}
+
+        def one_round(r):
+            carry["state"], carry["metrics"] = round_fn(carry["state"], population,
+                                                        jax.random.fold_in(root, r))
+            jax.block_until_ready(carry["state"])
+
+        times = time_rounds(one_round, warmup, repeats, info)
+        info["final_train_loss"] = float(carry["metrics"]["train_loss"])
     elif impl in ("per_client_jit", "per_step_jit"):
         parts = _jax_parts()
         params = jax.device_put(zero_params())
@@ -369,31 +382,27 @@ def run_one(impl: str, C: int, args) -> dict:
         root = jax.random.key(1)
         rng = np.random.default_rng(1)
         info["setup_peak_rss_mb"] = rss_mb()
-        for r in range(warmup + repeats):
-            t0 = time.perf_counter()
+        carry = {"params": params}
+
+        def one_round(r):
             if impl == "per_client_jit":
-                params = per_client_jit_round(parts, params, xs, ys, ns,
-                                              jax.random.fold_in(root, r))
+                carry["params"] = per_client_jit_round(parts, carry["params"], xs, ys, ns,
+                                                       jax.random.fold_in(root, r))
             else:
-                params = per_step_jit_round(parts, params, xs, ys, ns, rng)
-            jax.block_until_ready(params)
-            dt = time.perf_counter() - t0
-            if r == 0:
-                info["first_call_s"] = dt
-            if r >= warmup:
-                times.append(dt)
+                carry["params"] = per_step_jit_round(parts, carry["params"], xs, ys, ns, rng)
+            jax.block_until_ready(carry["params"])
+
+        times = time_rounds(one_round, warmup, repeats, info)
     elif impl == "numpy_batched":
         params = zero_params()
         rng = np.random.default_rng(1)
         info["setup_peak_rss_mb"] = rss_mb()
-        for r in range(warmup + repeats):
-            t0 = time.perf_counter()
-            params = numpy_batched_round(params, x, y, n, rng)
-            dt = time.perf_counter() - t0
-            if r == 0:
-                info["first_call_s"] = dt
-            if r >= warmup:
-                times.append(dt)
+        carry = {"params": params}
+
+        def one_round(r):
+            carry["params"] = numpy_batched_round(carry["params"], x, y, n, rng)
+
+        times = time_rounds(one_round, warmup, repeats, info)
     elif impl == "reference_kernel":
         round_fn, layout = reference_kernel(C)
         xs, ys, wts = layout(x, y, n)
@@ -401,15 +410,13 @@ def run_one(impl: str, C: int, args) -> dict:
         gc.collect()
         params = jax.device_put(zero_params())
         info["setup_peak_rss_mb"] = rss_mb()
-        for r in range(warmup + repeats):
-            t0 = time.perf_counter()
-            params = round_fn(params, xs, ys, wts)
-            jax.block_until_ready(params)
-            dt = time.perf_counter() - t0
-            if r == 0:
-                info["first_call_s"] = dt
-            if r >= warmup:
-                times.append(dt)
+        carry = {"params": params}
+
+        def one_round(r):
+            carry["params"] = round_fn(carry["params"], xs, ys, wts)
+            jax.block_until_ready(carry["params"])
+
+        times = time_rounds(one_round, warmup, repeats, info)
     else:
         raise SystemExit(f"unknown implementation {impl!r}; choose from {IMPLS}")
 

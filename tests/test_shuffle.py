@@ -102,6 +102,16 @@ def _epoch_seeds(keys):
     return jax.vmap(lambda k: jax.random.bits(k, (E3,), jnp.uint32))(keys)
 
 
+def assert_documented_hash_sort(out, keys, n):
+    """out[k, e, :n[k]] == argsort of fmix32(seed_e ^ i * golden) over i < n[k] (NumPy)."""
+    seeds = np.asarray(_epoch_seeds(keys))
+    for k in range(K6):
+        for e in range(E3):
+            i = np.arange(n[k], dtype=np.uint64)
+            h = fmix32_reference((np.uint64(seeds[k, e]) ^ ((i * GOLDEN) & MASK32)))
+            np.testing.assert_array_equal(out[k, e, :n[k]], np.argsort(h, kind="stable"))
+
+
 def test_orders_follow_the_documented_hash_sort():
     """First n positions = argsort of fmix32(seed_e ^ i * golden) over i < n, where
     seed_e is the e-th uint32 of ``jax.random.bits(client_key, (E,))`` -- checks the
@@ -110,12 +120,7 @@ def test_orders_follow_the_documented_hash_sort():
     keys = make_keys(11, K6)
     n = np.array([15, 1, 6, 9, 12, 14], np.int32)
     out = np.asarray(orders_jit(keys, jnp.asarray(n), N, E3))
-    seeds = np.asarray(_epoch_seeds(keys))
-    for k in range(K6):
-        for e in range(E3):
-            i = np.arange(n[k], dtype=np.uint64)
-            h = fmix32_reference((np.uint64(seeds[k, e]) ^ ((i * GOLDEN) & MASK32)))
-            np.testing.assert_array_equal(out[k, e, :n[k]], np.argsort(h, kind="stable"))
+    assert_documented_hash_sort(out, keys, n)
 
 
 @pytest.mark.parametrize("largest", [50, 64, 100, 300])
@@ -127,13 +132,8 @@ def test_orders_of_small_clients_in_a_long_padding_sort_only_what_they_need(larg
     keys = make_keys(21, K6)
     n = np.array([largest, 1, 7, largest // 2, 0, largest - 1], np.int32)
     out = np.asarray(orders_jit(keys, jnp.asarray(n), N, E3))
-    seeds = np.asarray(_epoch_seeds(keys))
-    for k in range(K6):
-        for e in range(E3):
-            i = np.arange(n[k], dtype=np.uint64)
-            h = fmix32_reference((np.uint64(seeds[k, e]) ^ ((i * GOLDEN) & MASK32)))
-            np.testing.assert_array_equal(out[k, e, :n[k]], np.argsort(h, kind="stable"))
-            assert out[k, e].min() >= 0 and out[k, e].max() < N
+    assert_documented_hash_sort(out, keys, n)
+    assert out.min() >= 0 and out.max() < N
 
 
 def test_orders_are_padding_invariant():

@@ -325,6 +325,14 @@ def geometric_median(max_iters: int = 10, eps: float = 1e-5, nu: float = 1e-6) -
     return _stateless(apply_fn)
 
 
+def _clip_scale(flat: jax.Array, mask: jax.Array, max_norm: float):
+    """Per-client factors min(1, max_norm / ||x_k||_2) for rows of ``flat`` [C, D], and
+    which reporting clients were clipped."""
+    norms = jnp.sqrt(jnp.sum(jnp.square(flat), axis=1))
+    clipped = mask & (norms > max_norm)
+    return jnp.where(clipped, max_norm / jnp.where(clipped, norms, 1.0), 1.0), clipped
+
+
 def norm_bound(max_norm: float) -> Aggregator:
     """Norm bounding (Sun et al., "Can You Really Backdoor Federated Learning?", 2019,
     Sec. 4; the clipping step of DP-FedAvg, McAfee et al. 2018): clip every reporting
@@ -342,9 +350,7 @@ def norm_bound(max_norm: float) -> Aggregator:
     def apply_fn(deltas, weights):
         flat, mask, m, unravel = _flatten(deltas, weights)
         dtype = flat.dtype
-        norms = jnp.sqrt(jnp.sum(jnp.square(flat), axis=1))
-        clipped = mask & (norms > max_norm)
-        scale = jnp.where(clipped, max_norm / jnp.where(clipped, norms, 1.0), 1.0)
+        scale, clipped = _clip_scale(flat, mask, max_norm)
         w = jnp.where(mask, jnp.asarray(weights).astype(dtype), jnp.zeros((), dtype))
         total = jnp.sum(w)
         out = ((w * scale.astype(dtype)) @ flat) / jnp.where(total > 0, total, 1.0)
@@ -393,9 +399,7 @@ def dp_gaussian(clip_norm: float, noise_multiplier: float,
     def apply(deltas, weights, state, key):
         flat, mask, m, unravel = _flatten(deltas, weights)
         dtype = flat.dtype
-        norms = jnp.sqrt(jnp.sum(jnp.square(flat), axis=1))
-        clipped = mask & (norms > S)
-        scale = jnp.where(clipped, S / jnp.where(clipped, norms, 1.0), 1.0)
+        scale, clipped = _clip_scale(flat, mask, S)
         total = jnp.where(mask, scale, 0.0).astype(dtype) @ flat
         noise = jax.random.normal(jax.random.fold_in(key, DP_NOISE_STREAM), total.shape,
                                   dtype) * (z * S)
@@ -412,6 +416,11 @@ SECAGG_MASK_STREAM = 0x53414D4B   # "SAMK"
 SECAGG_ROUND_STREAM = 0x53415244  # "SARD"
 
 
+def _modulus_mask(bits: int) -> jax.Array:
+    """x & _modulus_mask(bits) == x mod 2^bits on uint32."""
+    return jnp.uint32((1 << bits) - 1) if bits < 32 else jnp.uint32(0xFFFFFFFF)
+
+
 def secagg_uploads(flat: jax.Array, mask: jax.Array, key: jax.Array, clip_value: float,
                    bits: int, modulus_bits: int) -> jax.Array:
     """uint32[C, D]: what each client of :func:`secure_mean` sends (0 rows for clients
@@ -420,8 +429,7 @@ def secagg_uploads(flat: jax.Array, mask: jax.Array, key: jax.Array, clip_value:
     to 0 mod 2^``modulus_bits`` over the reporting clients."""
     C, D = flat.shape
     c, levels = float(clip_value), float(2 ** bits - 1)
-    modulus_mask = (jnp.uint32((1 << modulus_bits) - 1) if modulus_bits < 32
-                    else jnp.uint32(0xFFFFFFFF))
+    modulus_mask = _modulus_mask(modulus_bits)
     k_round, k_mask = jax.random.split(jax.random.fold_in(key, SECAGG_ROUND_STREAM))
     scaled = (jnp.clip(flat, -c, c) + c) / (2 * c) * levels                # [0, levels]
     low = jnp.floor(scaled)
@@ -471,10 +479,9 @@ def secure_mean(clip_value: float, bits: int = 16) -> Aggregator:
             raise ValueError(f"secure_mean: bits={bits} with a cohort of {C} needs a "
                              f"{r}-bit modulus; use at most {32 - math.ceil(math.log2(C))} "
                              "bits")
-        modulus_mask = jnp.uint32((1 << r) - 1) if r < 32 else jnp.uint32(0xFFFFFFFF)
         sent = secagg_uploads(flat, mask, key, c, bits, r)
         # server side: the sum of what was sent, mod R, is the sum of the encodings
-        summed = jnp.sum(sent, axis=0, dtype=jnp.uint32) & modulus_mask
+        summed = jnp.sum(sent, axis=0, dtype=jnp.uint32) & _modulus_mask(r)
         count = jnp.maximum(m, 1).astype(jnp.uint32)   # integer part exact in float32
         mean = ((summed // count).astype(jnp.float32)
                 + (summed % count).astype(jnp.float32) / count.astype(jnp.float32))

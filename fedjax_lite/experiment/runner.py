@@ -202,7 +202,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         "num_train_examples": train.num_examples,
         "num_test_examples": test.num_examples,
         "resumed_from_round": start if resume else None,
-        **({} if privacy is None else {"privacy": privacy_summary(config, train.num_clients)}),
+        **({} if privacy is None else {"privacy": privacy_summary(
+            config, train.num_clients, privacy(config.rounds))}),
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
@@ -228,9 +229,9 @@ def privacy_budget(config: cfg.Config, num_clients: int):
     return lambda rounds: dp_epsilon(q, g.noise_multiplier, rounds, g.delta).epsilon
 
 
-def privacy_summary(config: cfg.Config, num_clients: int) -> dict:
+def privacy_summary(config: cfg.Config, num_clients: int, epsilon: float | None) -> dict:
     g = config.aggregator
-    return {"epsilon": privacy_budget(config, num_clients)(config.rounds), "delta": g.delta,
+    return {"epsilon": epsilon, "delta": g.delta,
             "noise_multiplier": g.noise_multiplier, "clip_norm": g.clip_norm,
             "sampling_probability": config.algorithm.clients_per_round / num_clients,
             "accountant": "RDP of the sampled Gaussian mechanism (Mironov et al. 2019), "
