@@ -178,8 +178,8 @@ def test_cohort_is_a_pytree_and_make_cohort_takes_the_rows_counts():
     assert c.index.dtype == jnp.int32 and c.n.dtype == jnp.int32
     assert c.population is population
     np.testing.assert_array_equal(c.n, np.asarray(population["n"])[[7, 2, 5]])
-    assert len(jax.tree.leaves(c)) == 5  # x, y, n of the population; index; n
-    doubled = jax.tree.map(lambda a: a * 2, c)
+    assert len(jax.tree.leaves(c)) == 6  # x, y, n of the population; index; n; mask
+    doubled = jax.tree.map(lambda a: a * 2, c._replace(mask=c.mask.astype(jnp.int32)))
     assert isinstance(doubled, Cohort)
     np.testing.assert_array_equal(doubled.index, [14, 4, 10])
     total = jax.jit(lambda c: jnp.sum(c.population["x"][c.index]) + jnp.sum(c.n))(c)

@@ -62,10 +62,10 @@ def check_weighting(weighting: str) -> None:
 
 
 def client_weights(cohort: Cohort, weighting: str) -> jax.Array:
-    """p_k: ``examples`` (n_k, McMahan et al.) or ``uniform`` (1)."""
+    """p_k: ``examples`` (n_k, McMahan et al.) or ``uniform`` (1); 0 for padding slots."""
     check_weighting(weighting)
     return (cohort.n.astype(jnp.float32) if weighting == "examples"
-            else jnp.ones(cohort.n.shape, jnp.float32))
+            else cohort.mask.astype(jnp.float32))
 
 
 def server_state_init(server_optimizer: optax.GradientTransformation,

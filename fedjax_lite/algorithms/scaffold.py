@@ -42,7 +42,7 @@ from fedjax_lite.core.aggregators import Aggregator, mean
 from fedjax_lite.core.faults import Faults, apply_faults
 from fedjax_lite.core.local import local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
-                                    local_training_chunk, map_cohort)
+                                    local_training_chunk, map_cohort, scatter_index)
 from fedjax_lite.models.base import Model, masked_mean_loss
 
 
@@ -159,7 +159,8 @@ def scaffold(model: Model, *, num_clients: int, client_optimizer: optax.Gradient
         c = jax.tree.map(lambda cc, d: cc + jnp.sum(d, axis=0) / num_clients, state.c,
                          delta_c)
         new_rows = jax.tree.map(jnp.add, c_rows, delta_c)     # dropped: unchanged
-        client_c = jax.tree.map(lambda a, r: a.at[cohort.index].set(r), state.client_c,
+        rows = scatter_index(cohort)           # padding slots write nothing
+        client_c = jax.tree.map(lambda a, r: a.at[rows].set(r, mode="drop"), state.client_c,
                                 new_rows)
         metrics = {"train_loss": cohort_train_loss(stats),
                    "server_c_norm": optax.tree.norm(c), **fault_metrics, **agg_metrics}

@@ -72,12 +72,13 @@ def apply_faults(faults: Faults, updates, weights: jax.Array, index: jax.Array,
                 return jnp.where(bad.reshape((C,) + (1,) * (u.ndim - 1)), evil, u)
 
             updates = jax.tree.unflatten(treedef, [corrupt(u, k) for u, k in zip(leaves, keys)])
+    members = weights > 0                 # padding slots of a padded cohort weigh 0
     if faults.dropout > 0:
         reports = jax.random.uniform(jax.random.fold_in(key, DROPOUT_STREAM), (C,)) >= faults.dropout
         weights = jnp.where(reports, weights, 0.0)
-        metrics["reporting_clients"] = jnp.sum(reports)
+        metrics["reporting_clients"] = jnp.sum(reports & members)
     else:
-        metrics["reporting_clients"] = jnp.asarray(C)
+        metrics["reporting_clients"] = jnp.sum(members)
     if faults.compressor is not None:
         updates, bits = faults.compressor.apply(updates,
                                                 jax.random.fold_in(key, COMPRESS_STREAM))

@@ -32,11 +32,15 @@ class Cohort(NamedTuple):
     """A round's cohort: rows ``index`` of the device-resident ``population``.
 
     population: ``{'x': float32[K, N, ...], 'y': int32[K, N], 'n': int32[K]}``;
-    index: int32[C] sampled rows; n: int32[C] their example counts (the weights).
+    index: int32[C] sampled rows; mask: bool[C], False for padding slots (Poisson and
+    epoch sampling pad the cohort to a static size; a padding slot's index is a valid
+    row, but it trains nothing, weighs 0 and must never be scattered back);
+    n: int32[C] the rows' example counts, 0 for padding slots.
     """
     population: dict
     index: jax.Array
     n: jax.Array
+    mask: jax.Array
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -67,9 +71,17 @@ class EngineOptions(NamedTuple):
     group_by_size: bool = True
 
 
-def make_cohort(population: dict, index: jax.Array) -> Cohort:
+def make_cohort(population: dict, index: jax.Array, mask: jax.Array | None = None) -> Cohort:
+    """The cohort of rows ``index``; ``mask`` (default: all True) marks real members."""
     index = index.astype(jnp.int32)
-    return Cohort(population, index, population["n"][index])
+    mask = jnp.ones(index.shape, bool) if mask is None else jnp.asarray(mask, bool)
+    return Cohort(population, index, jnp.where(mask, population["n"][index], 0), mask)
+
+
+def scatter_index(cohort: Cohort) -> jax.Array:
+    """Row indices for writing per-client state back with ``.at[...].set(..., mode=
+    'drop')``: padding slots point past the population, so they write nothing."""
+    return jnp.where(cohort.mask, cohort.index, cohort.population["n"].shape[0])
 
 
 def _chunking(num: int, chunk_size: int | None, shards: int) -> tuple[int, int]:
@@ -100,23 +112,24 @@ def map_cohort(chunk_fn: Callable, cohort: Cohort, per_client: tuple,
     padded = shards * chunks * K
     pad = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], padded - C, axis=0)])
     index = pad(cohort.index)
+    counts = pad(cohort.n)
     valid = jnp.arange(padded) < C
     per_client = jax.tree.map(pad, per_client)
     grouped = options.group_by_size and shards * chunks > 1
     if grouped:
         # Largest first, cut into chunks of K; chunk c goes to shard c % shards, so each
         # chunk holds clients of similar size and every device gets a mix of chunks.
-        by_size = jnp.argsort(-jnp.where(valid, pad(cohort.n), -1), stable=True)
+        by_size = jnp.argsort(-jnp.where(valid, counts, -1), stable=True)
         perm = by_size.reshape(chunks, shards, K).transpose(1, 0, 2).reshape(-1)
-        index, valid, per_client = jax.tree.map(lambda a: a[perm],
-                                                (index, valid, per_client))
+        index, counts, valid, per_client = jax.tree.map(
+            lambda a: a[perm], (index, counts, valid, per_client))
 
-    def run(population, index, valid, per_client):
+    def run(population, index, counts, valid, per_client):
         def one_chunk(c):
             sl = lambda a: lax.dynamic_slice_in_dim(a, c * K, K)
             rows = sl(index)
             take = lambda a: jnp.take(a, rows, axis=0, mode="clip")
-            n = jnp.where(sl(valid), take(population["n"]), 0)
+            n = jnp.where(sl(valid), sl(counts), 0)
             return chunk_fn(take(population["x"]), take(population["y"]), n,
                             *jax.tree.map(sl, per_client))
 
@@ -126,15 +139,16 @@ def map_cohort(chunk_fn: Callable, cohort: Cohort, per_client: tuple,
         return jax.tree.map(lambda o: o.reshape(chunks * K, *o.shape[2:]), out)
 
     if options.mesh is None:
-        out = run(cohort.population, index, valid, per_client)
+        out = run(cohort.population, index, counts, valid, per_client)
     else:
         # check_vma=False: with the default, grad w.r.t. the replicated server params
         # inside shard_map is summed over devices (../shared/PLATFORM.md); here every
         # value is computed per device and nothing relies on implicit collectives.
         spec = PartitionSpec(CLIENT_AXIS)
         out = jax.shard_map(run, mesh=options.mesh,
-                            in_specs=(PartitionSpec(), spec, spec, spec), out_specs=spec,
-                            check_vma=False)(cohort.population, index, valid, per_client)
+                            in_specs=(PartitionSpec(), spec, spec, spec, spec),
+                            out_specs=spec, check_vma=False)(
+            cohort.population, index, counts, valid, per_client)
     if grouped:
         out = jax.tree.map(lambda o: o[jnp.argsort(perm)], out)
     return jax.tree.map(lambda o: o[:C], out)

@@ -1,0 +1,64 @@
+"""L2 clipping that bounds EVERY input, whatever it holds.
+
+The sensitivity argument of every DP mechanism here rests on one fact: each client's
+contribution to the sum has L2 norm at most S. A naive ``x * min(1, S / ||x||)`` breaks it
+twice: a NaN or inf anywhere makes the factor NaN (the sum, the model and the run become
+NaN, and the halt singles that client out), and a huge finite vector overflows
+``sum(x**2)`` to inf so the factor is 0 (the client is silently dropped instead of
+clipped). Here:
+
+* a row with any non-finite entry contributes the zero vector (norm 0 <= S; the
+  replacement depends on nothing but the fact that the row was non-finite, which the
+  mechanism never releases);
+* norms are computed as ``max|x| * ||x / max|x|||``, which cannot overflow, and a row is
+  scaled by ``S / ||x||`` in that factored form, so a vector of 1e38s is clipped to norm
+  S, not zeroed;
+* rows outside ``mask`` (non-reporting clients, padding slots) contribute zero.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Clipped(NamedTuple):
+    rows: jax.Array       # float[C, D]: each row's L2 norm <= S (zero outside mask)
+    clipped: jax.Array    # bool[C]: a reporting row whose norm exceeded S
+    nonfinite: jax.Array  # bool[C]: a reporting row with a NaN/inf entry (sent as zero)
+    norms: jax.Array      # float[C]: L2 norms of the (finite) rows; 0 for the others
+
+
+def clip_rows(flat: jax.Array, mask: jax.Array, clip_norm) -> Clipped:
+    """Clips each row of ``flat`` [C, D] to L2 norm ``clip_norm`` (a float or a traced
+    scalar > 0), robustly (see the module docstring)."""
+    flat = jnp.asarray(flat)
+    dtype = flat.dtype
+    mask = jnp.asarray(mask, bool)
+    finite = jnp.all(jnp.isfinite(flat), axis=1)
+    keep = mask & finite
+    x = jnp.where(keep[:, None], flat, jnp.zeros((), dtype))
+    amax = jnp.max(jnp.abs(x), axis=1)
+    # Divide by 2^e ~ max|x| (exactly, in two power-of-two factors that are normal
+    # floats: XLA may turn x / amax into x * (1 / amax), and 1 / 1e38 flushes to 0).
+    _, e = jnp.frexp(jnp.where(amax > 0, amax, jnp.ones((), dtype)))
+    half = e // 2
+    unit = x * _pow2(-half, dtype)[:, None] * _pow2(half - e, dtype)[:, None]  # |.| <= 1
+    r = jnp.sqrt(jnp.sum(jnp.square(unit), axis=1))       # ||x|| = 2^e r, no overflow
+    s = jnp.asarray(clip_norm, dtype)
+    log2_norm = e.astype(dtype) + jnp.log2(jnp.where(r > 0, r, 1.0))
+    over = keep & (amax > 0) & (log2_norm > jnp.log2(s))  # ||x|| > S
+    rows = jnp.where(over[:, None], unit * (s / jnp.where(over, r, 1.0))[:, None], x)
+    norms = jnp.where(keep & (amax > 0), jnp.exp2(log2_norm), 0.0)
+    return Clipped(rows, over, mask & ~finite, norms)
+
+
+def _pow2(k: jax.Array, dtype) -> jax.Array:
+    """2.0 ** k exactly, for integer k with a normal float result (|k| <= 126)."""
+    bits = jnp.left_shift((k + 127).astype(jnp.int32), 23)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
+
+
+__all__ = ["Clipped", "clip_rows"]
