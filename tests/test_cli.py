@@ -229,30 +229,6 @@ def test_quickstart_reaches_90_percent(tmp_path):
     assert final["round"] == 100 and final["eval_accuracy"] >= 0.90
 
 
-def test_dp_fedavg_reports_the_privacy_spent(tmp_path):
-    """aggregator dp_gaussian: every metrics row carries the epsilon spent so far, from the
-    RDP accountant with q = clients_per_round / num_clients; summary.json has the budget."""
-    from fedjax_lite.privacy import dp_epsilon
-    raw = {**SMALL, "checkpoint_every": 0,
-           "algorithm": {**SMALL["algorithm"], "weighting": "uniform"},
-           "aggregator": {"name": "dp_gaussian", "clip_norm": 0.5, "noise_multiplier": 1.2,
-                          "delta": 1e-4}}
-    out = tmp_path / "dp"
-    assert main(["run", write_config(tmp_path, raw), "--out", str(out), "--no-progress"]) == 0
-    rows = read_metrics(str(out / "metrics.jsonl"))
-    summary = json.loads((out / "summary.json").read_text())
-    q = 7 / summary["num_clients"]
-    assert [r["round"] for r in rows] == [0, 4, 6]
-    assert rows[0]["epsilon"] == 0.0
-    for r in rows[1:]:
-        assert r["epsilon"] == pytest.approx(dp_epsilon(q, 1.2, r["round"], 1e-4).epsilon)
-    assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"]
-    assert summary["privacy"]["epsilon"] == pytest.approx(rows[-1]["epsilon"])
-    assert summary["privacy"]["sampling_probability"] == pytest.approx(q)
-    assert 0 <= rows[-1]["clipped_fraction"] <= 1 and rows[-1]["noise_std"] == pytest.approx(
-        1.2 * 0.5 / 7)
-
-
 def test_compressed_uploads_are_counted(tmp_path):
     raw = {**SMALL, "checkpoint_every": 0, "compression": {"kind": "qsgd", "bits": 4}}
     out = tmp_path / "q"

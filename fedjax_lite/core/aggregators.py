@@ -9,9 +9,9 @@ traceable, so aggregation compiles into the round.
 
 Builders: ``mean`` (FedAvg) and the robust ``median``, ``trimmed_mean`` (Yin et al. 2018),
 ``krum``, ``multi_krum`` (Blanchard et al. 2017), ``geometric_median`` (RFA, Pillutla et
-al. 2022) and ``norm_bound`` (clip to an L2 ball, then the weighted mean); the
-privacy mechanism ``dp_gaussian`` (DP-FedAvg's clip + Gaussian noise, McMahan et al. 2018)
-and ``secure_mean`` (secure aggregation simulated: fixed point, masks, modular sum).
+al. 2022) and ``norm_bound`` (clip to an L2 ball, then the weighted mean). The privacy
+mechanisms (DP-FedAvg's Gaussian mechanism, DP-FTRL, secure aggregation) are aggregators
+of the same shape in ``fedjax_lite.privacy``.
 """
 
 from __future__ import annotations
@@ -361,55 +361,6 @@ def norm_bound(max_norm: float) -> Aggregator:
         return unravel(out), metrics
 
     return _stateless(apply_fn)
-
-
-# Stream constant for the Gaussian noise of ``dp_gaussian`` (folded into the round's
-# aggregation key, so the noise is independent of fault-model draws from the same key).
-DP_NOISE_STREAM = 0x44504E53   # "DPNS"
-
-
-def dp_gaussian(clip_norm: float, noise_multiplier: float,
-                expected_clients: float) -> Aggregator:
-    """The Gaussian mechanism of DP-FedAvg (McMahan et al., "Learning Differentially
-    Private Recurrent Language Models", ICLR 2018, Algorithm 1, with the fixed-denominator
-    estimator and equal client weights): clip every reporting client's whole-pytree update
-    to L2 norm ``clip_norm`` = S, sum, add N(0, (z S)^2 I) with z = ``noise_multiplier``,
-    and divide by the expected number of reporting clients qK = ``expected_clients``:
-
-        Delta = (sum_k clip(Delta_k, S) + N(0, z^2 S^2 I)) / (q K).
-
-    One client changes the sum by at most S, so each round is the sampled Gaussian
-    mechanism with noise multiplier z; ``fedjax_lite.privacy.dp_epsilon(q, z, rounds,
-    delta)`` gives the (epsilon, delta) spent. Client weights only say who reported
-    (example counts are not used: they would raise the sensitivity). Metrics:
-    ``clipped_fraction`` and ``noise_std`` (of the averaged update, per coordinate).
-    """
-    for name, v in (("clip_norm", clip_norm), ("expected_clients", expected_clients)):
-        if not v > 0:
-            raise ValueError(f"dp_gaussian: {name} must be > 0, got {name}={v!r}")
-    if not noise_multiplier >= 0:
-        raise ValueError(f"dp_gaussian: noise_multiplier must be >= 0, got "
-                         f"noise_multiplier={noise_multiplier!r}")
-    S, z, denom = float(clip_norm), float(noise_multiplier), float(expected_clients)
-
-    def init(params_like):
-        del params_like
-        return ()
-
-    def apply(deltas, weights, state, key):
-        flat, mask, m, unravel = _flatten(deltas, weights)
-        dtype = flat.dtype
-        scale, clipped = _clip_scale(flat, mask, S)
-        total = jnp.where(mask, scale, 0.0).astype(dtype) @ flat
-        noise = jax.random.normal(jax.random.fold_in(key, DP_NOISE_STREAM), total.shape,
-                                  dtype) * (z * S)
-        metrics = _empty_metrics(m)
-        metrics["clipped_fraction"] = (jnp.sum(clipped) / jnp.maximum(m, 1)).astype(
-            jnp.float32)
-        metrics["noise_std"] = jnp.asarray(z * S / denom, jnp.float32)
-        return unravel((total + noise) / denom), state, metrics
-
-    return Aggregator(init, apply)
 
 
 SECAGG_MASK_STREAM = 0x53414D4B   # "SAMK"

@@ -97,7 +97,9 @@ def engine_options(engine: EngineConfig, sizes: np.ndarray | None = None) -> Eng
                          group_by_size=engine.group_by_size)
 
 
-def build_aggregator(config: Config) -> Aggregator:
+def build_aggregator(config: Config, noise_multiplier: float | None = None) -> Aggregator:
+    """The configured aggregator; DP aggregators take the run's resolved noise multiplier
+    (``noise_multiplier``, else the config's, else 1.0)."""
     g = config.aggregator
     if g.name == "mean":
         return aggregators.mean()
@@ -111,12 +113,30 @@ def build_aggregator(config: Config) -> Aggregator:
         return aggregators.krum(g.num_byzantine)
     if g.name == "multi_krum":
         return aggregators.multi_krum(g.num_byzantine, g.num_selected)
+    if g.name == "norm_bound":
+        return aggregators.norm_bound(g.max_norm)
+    from fedjax_lite.privacy import ftrl, gaussian, secagg
+    C = config.algorithm.clients_per_round
+    min_survivors = g.min_survivors if g.min_survivors is not None else C // 2 + 1
     if g.name == "secure_mean":
-        return aggregators.secure_mean(g.clip_value, g.bits)
-    if g.name == "dp_gaussian":
-        return aggregators.dp_gaussian(g.clip_norm, g.noise_multiplier,
-                                       expected_clients=config.algorithm.clients_per_round)
-    return aggregators.norm_bound(g.max_norm)
+        return secagg.secure_mean(g.clip_value, g.bits, min_survivors=min_survivors,
+                                  neighbors=g.neighbors)
+    z = noise_multiplier if noise_multiplier is not None else g.noise_multiplier
+    z = 1.0 if z is None else float(z)
+    denom = float(C) * ((1.0 - config.clients.dropout) if g.denominator == "expected_reporting"
+                        else 1.0)
+    if g.name == "dp_ftrl":
+        return ftrl.dp_ftrl(g.clip_norm, z, denom,
+                            restart_every=g.restart_every or config.rounds)
+    if g.name == "dp_secure_mean":
+        return secagg.dp_secure_mean(g.clip_norm, z, denom, g.bits,
+                                     min_survivors=min_survivors, neighbors=g.neighbors)
+    adaptive = None
+    if g.target_quantile is not None:
+        adaptive = gaussian.AdaptiveClipping(target_quantile=g.target_quantile,
+                                             learning_rate=g.clip_learning_rate,
+                                             count_stddev=g.count_stddev)
+    return gaussian.dp_gaussian(g.clip_norm, z, denom, adaptive=adaptive)
 
 
 def build_faults(config: Config, num_clients: int) -> Faults:
@@ -149,9 +169,10 @@ def apply_label_attack(config: Config, train: fdata.Population) -> fdata.Populat
 
 
 def build_algorithm(config: Config, model: Model, engine: EngineOptions, *,
-                    num_clients: int) -> FederatedAlgorithm:
+                    num_clients: int, noise_multiplier: float | None = None
+                    ) -> FederatedAlgorithm:
     a = config.algorithm
-    common = dict(aggregator=build_aggregator(config),
+    common = dict(aggregator=build_aggregator(config, noise_multiplier),
                   faults=build_faults(config, num_clients), engine=engine)
     client_tx = build_optimizer(a.client_optimizer)
     server_tx = build_optimizer(a.server_optimizer)

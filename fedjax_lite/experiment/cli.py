@@ -3,6 +3,9 @@
     fedjax-lite run CONFIG --out DIR [--set key.path=value ...] [--resume] [--no-progress]
     fedjax-lite compare CONFIG --algorithms a,b [--aggregators x,y] [--seeds 3]
                         [--target-accuracy 0.8] [--set ...] --out DIR
+    fedjax-lite privacy --rounds R --sampling-rate q --noise-multiplier z --delta d
+                        [--sampling poisson|fixed --population K] [--accountant rdp|pld]
+                        [--target-epsilon e] [--neighboring ...] [--json]
 
 Exit codes: 0 done; 2 bad config or data (one line naming the key / file / client);
 3 divergence (non-finite loss; last good state checkpointed).
@@ -39,11 +42,82 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    v = sub.add_parser("privacy", help="epsilon of DP-FedAvg (or the noise multiplier for "
+                                       "a target epsilon), accounted with dp-accounting")
+    v.add_argument("--rounds", type=int, required=True, help="rounds (compositions)")
+    v.add_argument("--sampling-rate", type=float, required=True,
+                   help="q: per-round inclusion probability (poisson) or C/K (fixed)")
+    v.add_argument("--noise-multiplier", type=float, default=None,
+                   help="z: noise std / clip norm (or give --target-epsilon)")
+    v.add_argument("--target-epsilon", type=float, default=None,
+                   help="solve for the smallest noise multiplier reaching this epsilon")
+    v.add_argument("--delta", type=float, required=True)
+    v.add_argument("--sampling", choices=("poisson", "fixed"), default="poisson")
+    v.add_argument("--population", type=int, default=None,
+                   help="K, the number of clients (required for --sampling fixed)")
+    v.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
+    v.add_argument("--neighboring", choices=("add_remove", "zero_out", "replace_one"),
+                   default=None, help="default: add_remove (poisson), replace_one (fixed)")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def privacy_command(args) -> int:
+    """``fedjax-lite privacy``: prints epsilon (or the calibrated noise multiplier)."""
+    from fedjax_lite.privacy import accounting
+
+    def fail(msg: str) -> int:
+        print(f"fedjax-lite privacy: {msg}", file=sys.stderr)
+        return 2
+
+    if args.rounds < 0:
+        return fail(f"--rounds must be >= 0, got {args.rounds}")
+    if not 0 < args.sampling_rate <= 1:
+        return fail(f"--sampling-rate must be in (0, 1], got {args.sampling_rate}")
+    if (args.noise_multiplier is None) == (args.target_epsilon is None):
+        return fail("give exactly one of --noise-multiplier and --target-epsilon")
+    if args.sampling == "fixed":
+        if not args.population or args.population < 1:
+            return fail("--sampling fixed needs --population K (the number of clients)")
+        population = args.population
+        cohort = round(args.sampling_rate * population)
+        if cohort < 1 or abs(cohort - args.sampling_rate * population) > 1e-6 * population:
+            return fail(f"--sampling-rate {args.sampling_rate} x --population {population} "
+                        "is not a whole cohort size")
+    else:   # Poisson: only q matters; express it as C/K on a large population
+        population = args.population or 10 ** 9
+        cohort = args.sampling_rate * population
+    setup = accounting.PrivacySetup(
+        noise_multiplier=args.noise_multiplier or 1.0, population=population,
+        cohort_size=cohort, sampling=args.sampling,
+        neighboring=args.neighboring or accounting.default_neighboring(args.sampling),
+        accountant=args.accountant)
+    try:
+        if args.target_epsilon is not None:
+            z = accounting.calibrate(setup, args.rounds, args.delta, args.target_epsilon)
+            from dataclasses import replace
+            setup = replace(setup, noise_multiplier=z)
+        eps = accounting.epsilon(setup, args.rounds, args.delta)
+    except accounting.AccountingError as e:
+        return fail(str(e))
+    out = {"epsilon": eps, "delta": args.delta, "noise_multiplier": setup.noise_multiplier,
+           "rounds": args.rounds, "sampling": args.sampling,
+           "sampling_rate": args.sampling_rate, "neighboring": setup.neighboring,
+           "accountant": args.accountant}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        what = (f"noise_multiplier = {setup.noise_multiplier:.6g} reaches "
+                if args.target_epsilon is not None else "")
+        print(f"{what}epsilon = {eps:.6g} at delta = {args.delta:g} after {args.rounds} rounds"
+              f" ({accounting.describe(setup)})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "privacy":
+        return privacy_command(args)
     from fedjax_lite.experiment.host import configure_host
     configure_host()
     from fedjax_lite.experiment import config as cfg
@@ -57,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedjax-lite: config error: {e}", file=sys.stderr)
         return 2
 
-    from fedjax_lite.experiment.runner import DataError, DivergenceError, run
+    from fedjax_lite.experiment.runner import DataError, DivergenceError, SamplingError, run
 
     try:
         if args.command == "compare":
@@ -75,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as e:
         print(f"fedjax-lite: data error: {e}", file=sys.stderr)
+        return 2
+    except SamplingError as e:
+        print(f"fedjax-lite: sampling: {e}", file=sys.stderr)
         return 2
     except DivergenceError as e:
         print(f"fedjax-lite: diverged: {e}", file=sys.stderr)

@@ -121,6 +121,8 @@ def compare(raw: dict, out_dir: str, *, algorithms: list[str],
             "wall_s_mean": float(np.mean([r["summary"]["wall_s"] for r in seed_runs])),
             "clients_per_s_mean": float(np.mean([r["summary"]["clients_per_s"] or 0
                                                  for r in seed_runs])),
+            # DP runs: epsilon spent (the same for every seed: it depends on the config)
+            "epsilon": _epsilon(seed_runs),
         })
     doc = {"algorithms": algorithms, "aggregators": aggregators, "seeds": seeds,
            "target_accuracy": target_accuracy, "rounds": runs[0][2].rounds,
@@ -138,6 +140,12 @@ def compare(raw: dict, out_dir: str, *, algorithms: list[str],
     return doc
 
 
+def _epsilon(seed_runs: list[dict]) -> float | None:
+    eps = [(r["summary"].get("privacy") or {}).get("epsilon") for r in seed_runs]
+    eps = [e for e in eps if e is not None]
+    return max(eps) if eps else None
+
+
 def _pm(mean, std, digits=4) -> str:
     return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -145,7 +153,7 @@ def _pm(mean, std, digits=4) -> str:
 def markdown_table(table: list[dict], target: float | None, seeds: int) -> str:
     head = ["method", f"final eval accuracy (mean ± std, {seeds} seed{'s' * (seeds > 1)})",
             "final eval loss", f"rounds to {target:g} accuracy" if target is not None
-            else "rounds to target", "wall s", "clients/s"]
+            else "rounds to target", "wall s", "clients/s", "epsilon"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         reached = row["rounds_to_target"]
@@ -159,7 +167,8 @@ def markdown_table(table: list[dict], target: float | None, seeds: int) -> str:
         lines.append("| " + " | ".join([
             row["method"], _pm(row["final_eval_accuracy_mean"], row["final_eval_accuracy_std"]),
             _pm(row["final_eval_loss_mean"], row["final_eval_loss_std"]), to_target,
-            f"{row['wall_s_mean']:.1f}", f"{row['clients_per_s_mean']:,.0f}"]) + " |")
+            f"{row['wall_s_mean']:.1f}", f"{row['clients_per_s_mean']:,.0f}",
+            "-" if row.get("epsilon") is None else f"{row['epsilon']:.3g}"]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -123,11 +123,22 @@ SERVER_OPTIMIZER_OF = {
 # keys that only some algorithms take (absent = the algorithm's default)
 ALGORITHM_ONLY_KEYS = {"mu": ("fedprox",), "straggler_fraction": ("fedprox",),
                        "drop_stragglers": ("fedprox",)}
+# keys that only some sampling kinds take
+SAMPLING_ONLY_KEYS = {"max_cohort_size": ("poisson",)}
+
+
+SAMPLINGS = ("fixed", "poisson", "epochs")
 
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
     name: Literal[ALGORITHMS] = "fedavg"
+    # fixed: clients_per_round clients uniformly without replacement; poisson: each client
+    # independently with rate clients_per_round / K (cohort padded to max_cohort_size,
+    # default: the size exceeded with probability <= 1e-12 per round); epochs: each client
+    # once per epoch of ceil(K / clients_per_round) rounds
+    sampling: Literal[SAMPLINGS] = "fixed"
+    max_cohort_size: Union[int, None] = None                    # poisson only
     clients_per_round: int = field(default=10, metadata=_POS_INT)
     local_epochs: int = field(default=1, metadata=_POS_INT)
     batch_size: int = field(default=16, metadata=_POS_INT)
@@ -141,12 +152,19 @@ class AlgorithmConfig:
 
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
-               "norm_bound", "dp_gaussian", "secure_mean")
+               "norm_bound", "dp_gaussian", "dp_ftrl", "secure_mean", "dp_secure_mean")
+# aggregators whose release is a DP mechanism accounted in fedjax_lite.privacy.accounting
+DP_AGGREGATORS = ("dp_gaussian", "dp_ftrl", "dp_secure_mean")
+_DP = DP_AGGREGATORS
 AGGREGATOR_KEYS = {"trim": ("trimmed_mean",), "num_byzantine": ("krum", "multi_krum"),
                    "num_selected": ("multi_krum",), "max_norm": ("norm_bound",),
-                   "max_iters": ("geometric_median",), "clip_norm": ("dp_gaussian",),
-                   "noise_multiplier": ("dp_gaussian",), "delta": ("dp_gaussian",),
-                   "clip_value": ("secure_mean",), "bits": ("secure_mean",)}
+                   "max_iters": ("geometric_median",), "clip_norm": _DP,
+                   "noise_multiplier": _DP, "denominator": _DP,
+                   "target_quantile": ("dp_gaussian",), "clip_learning_rate": ("dp_gaussian",),
+                   "count_stddev": ("dp_gaussian",), "restart_every": ("dp_ftrl",),
+                   "clip_value": ("secure_mean",), "bits": ("secure_mean", "dp_secure_mean"),
+                   "min_survivors": ("secure_mean", "dp_secure_mean"),
+                   "neighbors": ("secure_mean", "dp_secure_mean")}
 
 
 @dataclass(frozen=True)
@@ -158,17 +176,53 @@ class AggregatorConfig:
     num_selected: int = field(default=2, metadata=_POS_INT)
     max_norm: float = field(default=1.0, metadata=_POS)
     max_iters: int = field(default=10, metadata=_POS_INT)
-    # dp_gaussian (DP-FedAvg): clip to clip_norm, noise std noise_multiplier * clip_norm;
-    # (epsilon, delta) reported with this delta
+    # DP aggregators: clip every update to L2 norm clip_norm (the initial norm with
+    # adaptive clipping), Gaussian noise of std noise_multiplier * clip_norm on the sum
+    # (null: 1.0, or calibrated to privacy.target_epsilon), divided by a fixed denominator:
+    # 'expected' = clients_per_round, 'expected_reporting' = clients_per_round * (1 -
+    # clients.dropout) (unbiased under dropout)
     clip_norm: float = field(default=1.0, metadata=_POS)
-    noise_multiplier: float = field(default=1.0, metadata=_check(lambda v: v >= 0,
-                                                                 "a number >= 0"))
-    delta: float = field(default=1e-5, metadata=_check(lambda v: 0 < v < 1,
-                                                       "a number in (0, 1)"))
-    # secure_mean (secure aggregation simulated): per-coordinate clip, fixed-point bits
+    noise_multiplier: Union[float, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v >= 0, "a number >= 0"))
+    denominator: Literal["expected", "expected_reporting"] = "expected"
+    # dp_gaussian adaptive clipping (Andrew et al. 2021): on when target_quantile is set
+    target_quantile: Union[float, None] = field(default=None, metadata=_check(
+        lambda v: v is None or 0 < v < 1, "a number in (0, 1)"))
+    clip_learning_rate: float = field(default=0.2, metadata=_POS)
+    count_stddev: Union[float, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v > 0, "a number > 0"))
+    # dp_ftrl: rounds per tree (null: one tree for the run, or one epoch with sampling epochs)
+    restart_every: Union[int, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v > 0, "a positive integer"))
+    # secure_mean (secure aggregation simulated): per-coordinate clip, fixed-point bits;
+    # the round aborts below min_survivors (null: a majority of clients_per_round);
+    # neighbors: null = all pairs (SecAgg), k = a k-regular graph (SecAgg+)
     clip_value: float = field(default=1.0, metadata=_POS)
     bits: int = field(default=16, metadata=_check(lambda v: 2 <= v <= 24,
                                                   "an integer in [2, 24]"))
+    min_survivors: Union[int, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v >= 1, "a positive integer"))
+    neighbors: Union[int, None] = field(default=None, metadata=_check(
+        lambda v: v is None or (v >= 2 and v % 2 == 0), "an even integer >= 2"))
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Accounting of the DP aggregators (``fedjax_lite.privacy.accounting``).
+
+    neighboring: null = the sampling's natural relation (poisson: add_remove, fixed:
+    replace_one, epochs and dp_ftrl otherwise: zero_out). target_epsilon: calibrate
+    aggregator.noise_multiplier to it (when that is null), or refuse a config that would
+    exceed it. nonprivate_diagnostics: also log round metrics computed from client data
+    outside the mechanism (train_loss, exact clipped fraction, cohort size); off by default.
+    """
+    accountant: Literal["rdp", "pld"] = "rdp"
+    neighboring: Union[Literal["add_remove", "zero_out", "replace_one"], None] = None
+    delta: float = field(default=1e-5, metadata=_check(lambda v: 0 < v < 1,
+                                                       "a number in (0, 1)"))
+    target_epsilon: Union[float, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v > 0, "a number > 0"))
+    nonprivate_diagnostics: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,7 +283,13 @@ class Config:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def is_private(self) -> bool:
+        """A DP aggregator: epsilon is accounted and reported."""
+        return self.aggregator.name in DP_AGGREGATORS
 
     @property
     def num_classes(self) -> int:
@@ -431,6 +491,8 @@ def _only_for(raw: dict, section: str, name: str, keys: dict, field: str = "name
 
 def parse(raw: dict) -> Config:
     """Validates a raw mapping into a :class:`Config` (raises ConfigError)."""
+    if isinstance(raw.get("aggregator"), dict) and "delta" in raw["aggregator"]:
+        raise ConfigError("config key 'aggregator.delta' has moved to 'privacy.delta'")
     config = _dataclass(Config, raw, "")
     algo_raw = raw.get("algorithm") or {}
     name = config.algorithm.name
@@ -454,14 +516,23 @@ def parse(raw: dict) -> Config:
             merged = OptimizerConfig(expected.name, {**expected.kwargs, **given_opt.kwargs})
             config = dataclasses.replace(config, algorithm=dataclasses.replace(
                 config.algorithm, server_optimizer=merged))
-    if config.aggregator.name == "dp_gaussian" and config.algorithm.weighting != "uniform":
-        raise ConfigError("config key 'algorithm.weighting': aggregator dp_gaussian weights "
-                          "every client equally (bounded sensitivity); set "
-                          "algorithm.weighting: uniform")
-    if config.aggregator.name == "secure_mean" and config.algorithm.weighting != "uniform":
-        raise ConfigError("config key 'algorithm.weighting': aggregator secure_mean reveals "
-                          "only the sum of the updates (an unweighted mean); set "
-                          "algorithm.weighting: uniform")
+    _only_for(algo_raw, "algorithm", config.algorithm.sampling, SAMPLING_ONLY_KEYS,
+              field="sampling")
+    agg = config.aggregator
+    if agg.name in DP_AGGREGATORS + ("secure_mean",) and config.algorithm.weighting != "uniform":
+        raise ConfigError(f"config key 'algorithm.weighting': aggregator {agg.name} weights "
+                          "every client equally (bounded sensitivity / only the sum is "
+                          "revealed); set algorithm.weighting: uniform")
+    if config.is_private:
+        _check_private(config, raw)
+    elif "privacy" in raw:
+        raise ConfigError(f"config key 'privacy' applies only to the DP aggregators "
+                          f"({', '.join(DP_AGGREGATORS)}), not aggregator {agg.name!r}")
+    if config.algorithm.max_cohort_size is not None and (
+            config.algorithm.max_cohort_size < config.algorithm.clients_per_round):
+        raise ConfigError(f"config key 'algorithm.max_cohort_size': "
+                          f"{config.algorithm.max_cohort_size} is below clients_per_round="
+                          f"{config.algorithm.clients_per_round}")
     if name in ("scaffold", "fednova") and config.algorithm.client_optimizer.name != "sgd":
         raise ConfigError(f"config key 'algorithm.client_optimizer.name': {name} is defined "
                           f"for plain client SGD, got "
@@ -486,6 +557,62 @@ def parse(raw: dict) -> Config:
     return config
 
 
+# Algorithms whose server update uses client data outside the aggregator, so a DP
+# aggregator would not cover it (issue: SCAFFOLD's server control variate is the plain mean
+# of the clients' control-variate updates; FedNova rescales the noised update by tau_eff,
+# a function of the cohort's exact example counts).
+NOT_PRIVATE_WITH_DP = {
+    "scaffold": "its server control variate is updated from the clients' unclipped, "
+                "un-noised control variates",
+    "fednova": "its update is rescaled by tau_eff, computed from the cohort's exact "
+               "example counts outside the mechanism",
+}
+
+
+def _check_private(config: Config, raw: dict) -> None:
+    """A DP aggregator's config must be accountable and leak nothing outside the mechanism."""
+    from fedjax_lite.privacy import accounting
+    agg, algo, privacy = config.aggregator, config.algorithm, config.privacy
+    if algo.name in NOT_PRIVATE_WITH_DP:
+        raise ConfigError(f"config key 'algorithm.name': {algo.name} cannot be combined with "
+                          f"aggregator {agg.name}: {NOT_PRIVATE_WITH_DP[algo.name]}; use "
+                          "fedavg, fedprox, fedsgd or a FedOpt variant")
+    mechanism = "ftrl" if agg.name == "dp_ftrl" else "gaussian"
+    if privacy.neighboring == "add_remove" and algo.sampling != "poisson" and (
+            mechanism == "gaussian" or algo.sampling == "epochs"):
+        why = ("adding a client pushes another out of a full cohort, so the sum moves by "
+               "2S" if algo.sampling == "fixed" else "adding a client reshuffles every "
+               "client's schedule")
+        raise ConfigError(f"config key 'privacy.neighboring': add_remove is not valid with "
+                          f"algorithm.sampling {algo.sampling} ({why}); use sampling: "
+                          "poisson, or neighboring: replace_one")
+    population = max(getattr(config.data, "num_clients", 0), algo.clients_per_round + 1)
+    setup = privacy_setup(config, population, noise_multiplier=1.0)
+    try:
+        accounting.check(setup)
+    except accounting.AccountingError as e:
+        raise ConfigError(f"config key 'privacy': {e}") from None
+    if agg.target_quantile is not None and agg.name != "dp_gaussian":  # pragma: no cover
+        raise ConfigError("config key 'aggregator.target_quantile' applies to dp_gaussian")
+
+
+def privacy_setup(config: Config, population: int, noise_multiplier: float | None = None):
+    """The :class:`fedjax_lite.privacy.accounting.PrivacySetup` of a DP run."""
+    from fedjax_lite.privacy import accounting
+    agg, algo, privacy = config.aggregator, config.algorithm, config.privacy
+    mechanism = "ftrl" if agg.name == "dp_ftrl" else "gaussian"
+    z = agg.noise_multiplier if noise_multiplier is None else noise_multiplier
+    restart = agg.restart_every
+    if mechanism == "ftrl" and restart is None and algo.sampling == "epochs":
+        restart = -(-population // algo.clients_per_round)
+    return accounting.PrivacySetup(
+        noise_multiplier=1.0 if z is None else float(z), population=int(population),
+        cohort_size=algo.clients_per_round, sampling=algo.sampling,
+        neighboring=privacy.neighboring or accounting.default_neighboring(algo.sampling,
+                                                                          mechanism),
+        accountant=privacy.accountant, mechanism=mechanism, restart_every=restart)
+
+
 def load(path: str, overrides: list[str] = ()) -> Config:
     raw = load_raw(path)
     for assignment in overrides:
@@ -496,15 +623,20 @@ def load(path: str, overrides: list[str] = ()) -> Config:
 def to_dict(config: Config) -> dict:
     """The resolved config as plain data (what ``config.yaml`` holds); parses back to
     an equal Config."""
+    rules = {AlgorithmConfig: ((ALGORITHM_ONLY_KEYS, "name"), (SAMPLING_ONLY_KEYS, "sampling")),
+             AggregatorConfig: ((AGGREGATOR_KEYS, "name"),),
+             CompressionConfig: ((COMPRESSION_KEYS, "kind"),)}
+
+    def applies(obj, name: str) -> bool:
+        return all(name not in only or getattr(obj, by) in only[name]
+                   for only, by in rules.get(type(obj), ()))
+
     def convert(obj):
         if isinstance(obj, OptimizerConfig):
             return {"name": obj.name, **obj.kwargs}
         if dataclasses.is_dataclass(obj):
-            only, by = {AlgorithmConfig: (ALGORITHM_ONLY_KEYS, "name"),
-                        AggregatorConfig: (AGGREGATOR_KEYS, "name"),
-                        CompressionConfig: (COMPRESSION_KEYS, "kind")}.get(type(obj),
-                                                                           ({}, None))
             return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if f.name not in only or getattr(obj, by) in only[f.name]}
+                    if applies(obj, f.name)
+                    and not (f.name == "privacy" and not config.is_private)}
         return obj
     return convert(config)

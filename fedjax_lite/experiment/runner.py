@@ -17,11 +17,14 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fedjax_lite.core import build_evaluate, build_round, round_key
+from fedjax_lite.core import Sampling, build_evaluate, build_round, poisson_bound, round_key
+from fedjax_lite.core.round import poisson_bound_tail
 from fedjax_lite.experiment import config as cfg
+from fedjax_lite.experiment import privacy_run
 from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm, build_data,
                                              build_model, engine_options)
 from fedjax_lite.experiment.checkpoint import Checkpointer
@@ -31,6 +34,10 @@ from fedjax_lite.experiment.outputs import (MetricsWriter, plot_curves, read_met
 
 class DataError(ValueError):
     """Bad input data (file, client, example named in the message)."""
+
+
+class SamplingError(RuntimeError):
+    """A Poisson draw exceeded the static cohort bound (the round is discarded)."""
 
 
 class DivergenceError(RuntimeError):
@@ -78,14 +85,32 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from e
     train = apply_label_attack(config, train)
+    K, C = train.num_clients, config.algorithm.clients_per_round
+    sampling_kind = config.algorithm.sampling
+    bound, overflow_p = C, 0.0
+    if sampling_kind == "poisson":
+        bound, overflow_p = poisson_bound(K, C / K)
+        bound = config.algorithm.max_cohort_size or bound
+        overflow_p = poisson_bound_tail(K, C / K, bound)
+    check_static_cohort(config, bound)
+    ledger, noise_multiplier = None, None
+    if config.is_private:
+        noise_multiplier, setup = privacy_run.resolve(config, K)
+        ledger = privacy_run.Ledger(setup, config.privacy.delta,
+                                    config.privacy.target_epsilon)
     model = build_model(config, train.feature_shape)
     engine = engine_options(config.engine, train.n)
-    algorithm = build_algorithm(config, model, engine, num_clients=train.num_clients)
+    try:
+        algorithm = build_algorithm(config, model, engine, num_clients=K,
+                                    noise_multiplier=noise_multiplier)
+    except ValueError as e:           # a builder's argument check (names the argument)
+        raise cfg.ConfigError(f"config: {e}") from None
     with open(config_path, "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
 
-    C = config.algorithm.clients_per_round
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
+    sampling = Sampling(sampling_kind, bound if sampling_kind == "poisson" else None,
+                        run_key if sampling_kind == "epochs" else None)
     state = algorithm.init(model.init(init_key))
     # the population lives on the device(s) for the whole run (replicated over the mesh)
     where = (NamedSharding(engine.mesh, PartitionSpec()) if engine.mesh is not None
@@ -96,8 +121,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                                   else 4 * engine.chunk_size)
 
     t0 = time.perf_counter()
-    round_fn = jax.jit(build_round(algorithm, num_clients=train.num_clients,
-                                   clients_per_round=C)).lower(
+    round_fn = jax.jit(build_round(algorithm, num_clients=K, clients_per_round=C,
+                                   sampling=sampling)).lower(
         state, population, round_key(run_key, 0)).compile()
     evaluate = jax.jit(build_evaluate(model, eval_engine)).lower(
         state.params, test_data).compile()
@@ -128,7 +153,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         if not math.isfinite(ev["eval_loss"]):
             raise DivergenceError(f"non-finite eval loss at round {round_num}")
         row = {"round": round_num,
-               "train_loss": (window["loss"] / window["rounds"]) if window["rounds"] else None,
+               "train_loss": (window["loss"] / window["rounds"])
+               if window["rounds"] and show_loss else None,
                **ev, "wall_s": wall(),
                "clients_per_s": (C * window["rounds"] / window["time"]) if window["rounds"]
                else None,
@@ -137,12 +163,13 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         # except counts of events, which are totals
         for k, v in sorted(window["extra"].items()):
             row[k] = v if k == "rounds_without_reports" else v / max(window["rounds"], 1)
-        if privacy is not None:
-            row["epsilon"] = privacy(round_num)
+        if ledger is not None:
+            row["epsilon"] = ledger.epsilon(round_num)
         writer.write(row)
         return row
 
-    privacy = privacy_budget(config, train.num_clients)
+    # a DP run logs nothing computed from client data outside the mechanism (privacy_run)
+    show_loss = not config.is_private or config.privacy.nonprivate_diagnostics
     total = {"rounds": 0, "time": 0.0}
     last_row = None
     if start == 0:
@@ -151,22 +178,40 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     last_saved = start if resume else None
     try:
         for r in range(start, config.rounds):
+            if ledger is not None and ledger.would_exceed(r + 1):
+                save(r, state, window)
+                raise cfg.ConfigError(f"privacy budget: round {r + 1} would exceed "
+                                      f"target epsilon {ledger.target}; stopped after "
+                                      f"round {r} (checkpointed)")
             t = time.perf_counter()
             new_state, metrics = round_fn(state, population, round_key(run_key, r))
             loss = float(metrics["train_loss"])
             jax.block_until_ready(new_state)
             dt = time.perf_counter() - t
-            if not math.isfinite(loss):
+            if float(metrics.get("sampling_overflow", 0.0)) > 0:
+                save(r, state, window)
+                raise SamplingError(
+                    f"round {r + 1}: Poisson sampling drew more than the static cohort "
+                    f"bound of {bound} clients (probability {overflow_p:.2g} per round); "
+                    f"the round was discarded and the state after round {r} checkpointed; "
+                    "raise algorithm.max_cohort_size")
+            # DP runs judge divergence by the released model (post-processing), not by a
+            # loss over client data that would single a client out
+            finite = (_all_finite(new_state.params) if not show_loss
+                      else math.isfinite(loss))
+            if not finite:
                 save(r, state, window)
                 raise DivergenceError(
-                    f"non-finite training loss in round {r + 1}; stopped, the last good "
-                    f"state (after round {r}) is checkpointed in {ckpt.directory}")
+                    f"non-finite {'model' if not show_loss else 'training loss'} in round "
+                    f"{r + 1}; stopped, the last good state (after round {r}) is "
+                    f"checkpointed in {ckpt.directory}")
             state, done = new_state, r + 1
             extra = dict(window["extra"])
-            for k, v in metrics.items():
-                if k != "train_loss" and getattr(v, "ndim", 1) == 0:
+            for k, v in privacy_run.private_metrics(metrics, config).items():
+                if k not in ("train_loss", "sampling_overflow") and getattr(v, "ndim", 1) == 0:
                     extra[k] = extra.get(k, 0.0) + float(v)
-            if "reporting_clients" in metrics and int(metrics["reporting_clients"]) == 0:
+            if show_loss and "reporting_clients" in metrics and int(
+                    metrics["reporting_clients"]) == 0:
                 extra["rounds_without_reports"] = extra.get("rounds_without_reports", 0) + 1
                 bar.write(f"round {done}: no sampled client reported; model unchanged")
             window = {"loss": window["loss"] + loss, "rounds": window["rounds"] + 1,
@@ -175,7 +220,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             if done % config.eval_every == 0 or done == config.rounds:
                 last_row = eval_row(done, state, window)
                 window = dict(empty_window)
-                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{last_row['eval_accuracy']:.4f}",
+                shown = ({"loss": f"{loss:.4f}"} if show_loss
+                         else {"eps": f"{last_row.get('epsilon') or float('inf'):.3g}"})
+                bar.set_postfix(**shown, acc=f"{last_row['eval_accuracy']:.4f}",
                                 cps=f"{C / dt:,.0f}", refresh=False)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
                 save(done, state, window)
@@ -202,8 +249,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         "num_train_examples": train.num_examples,
         "num_test_examples": test.num_examples,
         "resumed_from_round": start if resume else None,
-        **({} if privacy is None else {"privacy": privacy_summary(
-            config, train.num_clients, privacy(config.rounds))}),
+        "sampling": {"kind": sampling_kind, "static_cohort_size": bound,
+                     "overflow_probability_per_round": overflow_p},
+        **({} if ledger is None else {"privacy": ledger.summary(config, config.rounds)}),
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
@@ -215,27 +263,24 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     return summary
 
 
-def privacy_budget(config: cfg.Config, num_clients: int):
-    """``rounds -> epsilon`` spent by DP-FedAvg (``aggregator: dp_gaussian``), else None:
-    the RDP accountant of the sampled Gaussian mechanism with q = clients_per_round /
-    num_clients (``fedjax_lite.privacy``)."""
+def check_static_cohort(config: cfg.Config, cohort: int) -> None:
+    """Aggregator settings that depend on the static cohort size, checked before anything
+    compiles (ConfigError)."""
+    from fedjax_lite.privacy import secagg
     g = config.aggregator
-    if g.name != "dp_gaussian":
-        return None
-    from fedjax_lite.privacy import dp_epsilon
-    q = config.algorithm.clients_per_round / num_clients
-    if g.noise_multiplier == 0:          # no noise: no guarantee after any round (null)
-        return lambda rounds: None if rounds else 0.0
-    return lambda rounds: dp_epsilon(q, g.noise_multiplier, rounds, g.delta).epsilon
+    if g.name in ("secure_mean", "dp_secure_mean"):
+        try:
+            secagg.check_bits(g.bits, cohort)
+        except ValueError as e:
+            raise cfg.ConfigError(str(e)) from None
+    if g.name in ("secure_mean", "dp_secure_mean") and g.neighbors is not None \
+            and g.neighbors >= cohort:
+        raise cfg.ConfigError(f"config key 'aggregator.neighbors': {g.neighbors} must be "
+                              f"below the cohort size {cohort}")
 
 
-def privacy_summary(config: cfg.Config, num_clients: int, epsilon: float | None) -> dict:
-    g = config.aggregator
-    return {"epsilon": epsilon, "delta": g.delta,
-            "noise_multiplier": g.noise_multiplier, "clip_norm": g.clip_norm,
-            "sampling_probability": config.algorithm.clients_per_round / num_clients,
-            "accountant": "RDP of the sampled Gaussian mechanism (Mironov et al. 2019), "
-                          "Poisson-sampling approximation of the fixed-size cohort"}
+def _all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -244,4 +289,4 @@ def _progress(total: int, initial: int, enabled: bool):
                 unit="round", dynamic_ncols=True, mininterval=0.5)
 
 
-__all__ = ["DataError", "DivergenceError", "run"]
+__all__ = ["DataError", "DivergenceError", "SamplingError", "run"]

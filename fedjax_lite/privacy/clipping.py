@@ -48,10 +48,10 @@ def clip_rows(flat: jax.Array, mask: jax.Array, clip_norm) -> Clipped:
     unit = x * _pow2(-half, dtype)[:, None] * _pow2(half - e, dtype)[:, None]  # |.| <= 1
     r = jnp.sqrt(jnp.sum(jnp.square(unit), axis=1))       # ||x|| = 2^e r, no overflow
     s = jnp.asarray(clip_norm, dtype)
-    log2_norm = e.astype(dtype) + jnp.log2(jnp.where(r > 0, r, 1.0))
-    over = keep & (amax > 0) & (log2_norm > jnp.log2(s))  # ||x|| > S
+    norm = r * _pow2(half, dtype) * _pow2(e - half, dtype)   # inf if > float max: fine
+    over = keep & (amax > 0) & (norm > s)                 # ||x|| > S
     rows = jnp.where(over[:, None], unit * (s / jnp.where(over, r, 1.0))[:, None], x)
-    norms = jnp.where(keep & (amax > 0), jnp.exp2(log2_norm), 0.0)
+    norms = jnp.where(keep & (amax > 0), norm, 0.0)
     return Clipped(rows, over, mask & ~finite, norms)
 
 

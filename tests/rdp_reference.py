@@ -1,4 +1,5 @@
-"""Privacy accounting for the sampled Gaussian mechanism with Rényi DP.
+"""A hand-written RDP accountant of the sampled Gaussian mechanism, kept as an independent
+TEST REFERENCE for fedjax_lite.privacy.accounting (which uses dp-accounting).
 
 DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent Language Models",
 ICLR 2018) releases, every round, the sum of clipped client updates plus Gaussian noise

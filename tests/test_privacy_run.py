@@ -1,0 +1,138 @@
+"""DP runs end to end (experiment.privacy_run, the runner, the CLI): the epsilon in every
+row equals dp-accounting's, computed independently here for the sampling actually used;
+nothing computed from client data outside the mechanism is logged; configs that cannot
+be accounted, or would exceed a target epsilon, are refused before anything is written."""
+
+import json
+import os
+
+import dp_accounting as dpa
+import pytest
+
+from fedjax_lite.experiment.cli import main
+from fedjax_lite.experiment.outputs import read_metrics
+from test_cli import SMALL, write_config
+
+NR = dpa.NeighboringRelation
+
+
+def dp_raw(sampling="poisson", **privacy):
+    return {**SMALL, "checkpoint_every": 0,
+            "algorithm": {**SMALL["algorithm"], "weighting": "uniform", "sampling": sampling},
+            "aggregator": {"name": "dp_gaussian", "clip_norm": 0.5, "noise_multiplier": 1.2},
+            "privacy": {"delta": 1e-4, **privacy}}
+
+
+def _run(tmp_path, raw, name="dp"):
+    out = tmp_path / name
+    assert main(["run", write_config(tmp_path, raw, name + ".yaml"), "--out", str(out),
+                 "--no-progress"]) == 0
+    return read_metrics(str(out / "metrics.jsonl")), json.loads(
+        (out / "summary.json").read_text())
+
+
+def _expected(accountant, event, delta=1e-4):
+    accountant.compose(event)
+    return accountant.get_epsilon(delta)
+
+
+def test_poisson_dp_run_reports_dp_accounting_epsilon_and_no_client_data(tmp_path):
+    rows, summary = _run(tmp_path, dp_raw())
+    K = summary["num_clients"]
+    assert [r["round"] for r in rows] == [0, 4, 6] and rows[0]["epsilon"] == 0.0
+    for r in rows[1:]:
+        want = _expected(dpa.rdp.RdpAccountant(), dpa.SelfComposedDpEvent(
+            dpa.PoissonSampledDpEvent(7 / K, dpa.GaussianDpEvent(1.2)), r["round"]))
+        assert r["epsilon"] == pytest.approx(want, rel=1e-9)
+    p = summary["privacy"]
+    assert p["epsilon"] == pytest.approx(rows[-1]["epsilon"])
+    assert (p["sampling"], p["neighboring"], p["accountant"]) == ("poisson", "add_remove", "rdp")
+    assert p["sampling_probability"] == pytest.approx(7 / K)
+    assert summary["sampling"]["overflow_probability_per_round"] <= 1e-12
+    # nothing computed from client data outside the mechanism
+    for r in rows:
+        assert r["train_loss"] is None
+        for key in ("clipped_fraction", "cohort_size", "num_reporting", "reporting_clients",
+                    "nonfinite_clients", "no_client_reported"):
+            assert key not in r, key
+    assert rows[-1]["noise_std"] == pytest.approx(1.2 * 0.5 / 7)
+
+
+def test_nonprivate_diagnostics_are_opt_in_and_declared(tmp_path):
+    rows, summary = _run(tmp_path, dp_raw(nonprivate_diagnostics=True))
+    assert rows[-1]["train_loss"] is not None and "clipped_fraction" in rows[-1]
+    assert "cohort_size" in rows[-1]
+    assert summary["privacy"]["nonprivate_diagnostics_logged"] is True
+
+
+def test_fixed_cohort_run_is_accounted_without_replacement_under_replace_one(tmp_path):
+    rows, summary = _run(tmp_path, dp_raw("fixed", accountant="rdp"))
+    K = summary["num_clients"]
+    want = _expected(dpa.rdp.RdpAccountant(neighboring_relation=NR.REPLACE_ONE),
+                     dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(
+                         K, 7, dpa.GaussianDpEvent(0.6)), 6))
+    assert rows[-1]["epsilon"] == pytest.approx(want, rel=1e-9)
+    assert summary["privacy"]["neighboring"] == "replace_one"
+
+
+def test_pld_accountant(tmp_path):
+    rows, summary = _run(tmp_path, dp_raw(accountant="pld"))
+    want = _expected(dpa.pld.PLDAccountant(), dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(7 / summary["num_clients"], dpa.GaussianDpEvent(1.2)), 6))
+    assert rows[-1]["epsilon"] == pytest.approx(want, rel=1e-9)
+
+
+def test_target_epsilon_calibrates_the_noise(tmp_path):
+    raw = dp_raw(target_epsilon=3.0)
+    raw["aggregator"]["noise_multiplier"] = None
+    rows, summary = _run(tmp_path, raw)
+    z = summary["privacy"]["noise_multiplier"]
+    assert rows[-1]["epsilon"] <= 3.0
+    tighter = _expected(dpa.rdp.RdpAccountant(), dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(7 / summary["num_clients"], dpa.GaussianDpEvent(0.99 * z)),
+        6))
+    assert tighter > 3.0                       # the smallest such z, to 1%
+
+
+def test_refused_before_anything_is_written(tmp_path, capsys):
+    cases = [
+        (dp_raw(target_epsilon=0.5), "reach epsilon"),          # z = 1.2 overshoots
+        ({**dp_raw(), "algorithm": {**dp_raw()["algorithm"], "name": "scaffold"}},
+         "scaffold cannot be combined"),
+        ({**dp_raw("fixed"), "privacy": {"neighboring": "add_remove"}},
+         "add_remove is not valid with algorithm.sampling fixed"),
+        ({**SMALL, "data": {**SMALL["data"], "num_clients": 300},
+          "algorithm": {**SMALL["algorithm"], "weighting": "uniform",
+                        "clients_per_round": 300},
+          "aggregator": {"name": "secure_mean", "bits": 24}}, "aggregator.bits"),
+    ]
+    for i, (raw, message) in enumerate(cases):
+        out = tmp_path / f"r{i}"
+        assert main(["run", write_config(tmp_path, raw, f"r{i}.yaml"), "--out", str(out),
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not (out / "config.yaml").exists()
+
+
+def test_privacy_command(capsys):
+    q = 256 / 60000
+    assert main(["privacy", "--rounds", "14063", "--sampling-rate", str(q),
+                 "--noise-multiplier", "1.1", "--delta", "1e-5", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["epsilon"] == pytest.approx(2.597, abs=0.005)
+    assert main(["privacy", "--rounds", "100", "--sampling-rate", "0.05", "--delta", "1e-5",
+                 "--sampling", "fixed", "--population", "1000", "--noise-multiplier", "1",
+                 "--json"]) == 0
+    fixed = json.loads(capsys.readouterr().out)
+    want = _expected(dpa.rdp.RdpAccountant(neighboring_relation=NR.REPLACE_ONE),
+                     dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(
+                         1000, 50, dpa.GaussianDpEvent(0.5)), 100), 1e-5)
+    assert fixed["epsilon"] == pytest.approx(want, rel=1e-9)
+    assert main(["privacy", "--rounds", "100", "--sampling-rate", "0.05", "--delta", "1e-5",
+                 "--target-epsilon", "2", "--accountant", "pld", "--json"]) == 0
+    solved = json.loads(capsys.readouterr().out)
+    assert solved["epsilon"] <= 2.0 and solved["noise_multiplier"] > 1
+    assert main(["privacy", "--rounds", "100", "--sampling-rate", "0.05", "--delta", "1e-5",
+                 "--sampling", "fixed", "--noise-multiplier", "1"]) == 2
+    assert "--population" in capsys.readouterr().err
