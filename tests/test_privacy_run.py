@@ -136,3 +136,21 @@ def test_privacy_command(capsys):
     assert main(["privacy", "--rounds", "100", "--sampling-rate", "0.05", "--delta", "1e-5",
                  "--sampling", "fixed", "--noise-multiplier", "1"]) == 2
     assert "--population" in capsys.readouterr().err
+
+
+def test_dp_ftrl_with_epoch_sampling_is_tree_aggregation_per_epoch(tmp_path):
+    """Each client once per epoch, a fresh tree per epoch: dp-accounting's single-epoch
+    tree aggregation event per tree (zero-out neighbours), no amplification."""
+    raw = dp_raw("epochs")
+    raw["aggregator"] = {"name": "dp_ftrl", "clip_norm": 0.5, "noise_multiplier": 1.2}
+    rows, summary = _run(tmp_path, raw, "ftrl")
+    K = summary["num_clients"]
+    per_epoch = -(-K // 7)
+    assert summary["privacy"]["restart_every"] == per_epoch
+    trees = [per_epoch] * (6 // per_epoch) + ([6 % per_epoch] if 6 % per_epoch else [])
+    want = _expected(dpa.rdp.RdpAccountant(neighboring_relation=NR.REPLACE_SPECIAL),
+                     dpa.ComposedDpEvent([dpa.SingleEpochTreeAggregationDpEvent(1.2, t)
+                                          for t in trees]))
+    assert rows[-1]["epsilon"] == pytest.approx(want, rel=1e-9)
+    assert summary["privacy"]["neighboring"] == "zero_out"
+    assert "tree_round" in rows[-1] and "clipped_fraction" not in rows[-1]

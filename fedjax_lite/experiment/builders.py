@@ -97,9 +97,11 @@ def engine_options(engine: EngineConfig, sizes: np.ndarray | None = None) -> Eng
                          group_by_size=engine.group_by_size)
 
 
-def build_aggregator(config: Config, noise_multiplier: float | None = None) -> Aggregator:
-    """The configured aggregator; DP aggregators take the run's resolved noise multiplier
-    (``noise_multiplier``, else the config's, else 1.0)."""
+def build_aggregator(config: Config, privacy=None) -> Aggregator:
+    """The configured aggregator. DP aggregators take the run's resolved
+    ``fedjax_lite.privacy.accounting.PrivacySetup`` (its noise multiplier and DP-FTRL's
+    tree length are the ones the epsilon is accounted for); without one, the config's
+    values (noise multiplier null: 1.0)."""
     g = config.aggregator
     if g.name == "mean":
         return aggregators.mean()
@@ -121,13 +123,14 @@ def build_aggregator(config: Config, noise_multiplier: float | None = None) -> A
     if g.name == "secure_mean":
         return secagg.secure_mean(g.clip_value, g.bits, min_survivors=min_survivors,
                                   neighbors=g.neighbors)
-    z = noise_multiplier if noise_multiplier is not None else g.noise_multiplier
-    z = 1.0 if z is None else float(z)
+    if privacy is None:
+        privacy = cfg.privacy_setup(config, max(getattr(config.data, "num_clients", 0), C))
+    z = privacy.noise_multiplier
     denom = float(C) * ((1.0 - config.clients.dropout) if g.denominator == "expected_reporting"
                         else 1.0)
     if g.name == "dp_ftrl":
         return ftrl.dp_ftrl(g.clip_norm, z, denom,
-                            restart_every=g.restart_every or config.rounds)
+                            restart_every=privacy.restart_every or config.rounds)
     if g.name == "dp_secure_mean":
         return secagg.dp_secure_mean(g.clip_norm, z, denom, g.bits,
                                      min_survivors=min_survivors, neighbors=g.neighbors)
@@ -169,10 +172,10 @@ def apply_label_attack(config: Config, train: fdata.Population) -> fdata.Populat
 
 
 def build_algorithm(config: Config, model: Model, engine: EngineOptions, *,
-                    num_clients: int, noise_multiplier: float | None = None
-                    ) -> FederatedAlgorithm:
+                    num_clients: int, privacy=None) -> FederatedAlgorithm:
+    """``privacy``: the DP run's resolved PrivacySetup (see :func:`build_aggregator`)."""
     a = config.algorithm
-    common = dict(aggregator=build_aggregator(config, noise_multiplier),
+    common = dict(aggregator=build_aggregator(config, privacy),
                   faults=build_faults(config, num_clients), engine=engine)
     client_tx = build_optimizer(a.client_optimizer)
     server_tx = build_optimizer(a.server_optimizer)

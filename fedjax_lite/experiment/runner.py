@@ -93,16 +93,15 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         bound = config.algorithm.max_cohort_size or bound
         overflow_p = poisson_bound_tail(K, C / K, bound)
     check_static_cohort(config, bound)
-    ledger, noise_multiplier = None, None
+    ledger, setup = None, None
     if config.is_private:
-        noise_multiplier, setup = privacy_run.resolve(config, K)
+        _, setup = privacy_run.resolve(config, K)
         ledger = privacy_run.Ledger(setup, config.privacy.delta,
                                     config.privacy.target_epsilon)
     model = build_model(config, train.feature_shape)
     engine = engine_options(config.engine, train.n)
     try:
-        algorithm = build_algorithm(config, model, engine, num_clients=K,
-                                    noise_multiplier=noise_multiplier)
+        algorithm = build_algorithm(config, model, engine, num_clients=K, privacy=setup)
     except ValueError as e:           # a builder's argument check (names the argument)
         raise cfg.ConfigError(f"config: {e}") from None
     with open(config_path, "w") as f:

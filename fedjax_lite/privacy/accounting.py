@@ -54,6 +54,8 @@ is accounted by the same events.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass
 
@@ -208,8 +210,23 @@ def epsilon(setup: PrivacySetup, rounds: int, delta: float) -> float:
     acc = _accountant(setup)
     if not acc.supports(event):           # guarded by _check; a bug if reached
         raise AccountingError(f"{setup.accountant} cannot account {event}")
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
+    with _quiet_absl():
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp-accounting's RDP accountant logs a warning for every small fractional order whose
+    series does not converge (it then leaves that order out, which keeps the bound valid);
+    for large q or small z that is dozens of lines per call."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check(setup: PrivacySetup) -> None:
