@@ -73,3 +73,15 @@ def test_plan_validates_everything_before_running():
     assert [(label, k) for label, k, _ in runs][:3] == [
         ("fedavg+mean", 0), ("fedavg+mean", 1), ("fedavg+median", 0)]
     assert len(runs) == 8
+
+
+def test_comparison_table_has_an_epsilon_column():
+    from fedjax_lite.experiment.compare import markdown_table
+    row = {"method": "fedavg+dp_gaussian", "final_eval_accuracy_mean": 0.9,
+           "final_eval_accuracy_std": 0.01, "final_eval_loss_mean": 0.3,
+           "final_eval_loss_std": 0.02, "rounds_to_target": [None], "wall_s_mean": 1.0,
+           "clients_per_s_mean": 100.0, "epsilon": 3.25}
+    table = markdown_table([row, {**row, "method": "fedavg", "epsilon": None}], None, 1)
+    header, _, dp, plain = table.strip().splitlines()
+    assert header.rstrip(" |").endswith("epsilon")
+    assert dp.rstrip(" |").endswith("3.25") and plain.rstrip(" |").endswith("-")

@@ -154,3 +154,28 @@ def test_dp_ftrl_with_epoch_sampling_is_tree_aggregation_per_epoch(tmp_path):
     assert rows[-1]["epsilon"] == pytest.approx(want, rel=1e-9)
     assert summary["privacy"]["neighboring"] == "zero_out"
     assert "tree_round" in rows[-1] and "clipped_fraction" not in rows[-1]
+
+
+def test_poisson_overflow_stops_the_run_cleanly(tmp_path, capsys):
+    """A static bound at the expected cohort size (7 of 30, q = 7/30) is exceeded within a
+    few rounds: the run stops with exit 2 and one line giving the per-round probability,
+    after checkpointing the last good state; the round is never used."""
+    raw = dp_raw()
+    raw["algorithm"]["max_cohort_size"] = 7
+    out = tmp_path / "over"
+    assert main(["run", write_config(tmp_path, raw, "over.yaml"), "--out", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Poisson sampling drew more than the static cohort bound of 7" in err
+    assert "probability" in err and "Traceback" not in err
+    assert (out / "checkpoints").exists()
+
+
+def test_expected_reporting_denominator_under_dropout(tmp_path):
+    """denominator expected_reporting divides by C (1 - dropout): the noise std on the mean
+    update says which denominator was used."""
+    raw = dp_raw()
+    raw["clients"] = {"dropout": 0.2}
+    raw["aggregator"]["denominator"] = "expected_reporting"
+    rows, _ = _run(tmp_path, raw, "drop")
+    assert rows[-1]["noise_std"] == pytest.approx(1.2 * 0.5 / (7 * 0.8), rel=1e-6)
