@@ -238,3 +238,14 @@ def test_compressed_uploads_are_counted(tmp_path):
     for r in rows[1:]:                               # 7 clients per round, all report
         assert r["upload_bytes"] == pytest.approx(7 * (32 + 4 * d) / 8)
         assert r["upload_bytes_uncompressed"] == pytest.approx(7 * 32 * d / 8)
+
+
+def test_rotated_quantization_with_error_feedback_from_the_config(tmp_path):
+    raw = {**SMALL, "checkpoint_every": 0,
+           "compression": {"kind": "rotated_quantization", "bits": 4, "error_feedback": True}}
+    out = tmp_path / "ef"
+    assert main(["run", write_config(tmp_path, raw), "--out", str(out), "--no-progress"]) == 0
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    # 5 features + bias = 6 coordinates, padded to 8; 4 bits each plus min and max
+    assert rows[-1]["upload_bytes"] == pytest.approx(7 * (4 * 8 + 64) / 8)
+    assert rows[-1]["residual_norm"] > 0

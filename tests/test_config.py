@@ -105,6 +105,9 @@ model: {kind: multinomial_logistic_regression, num_classes: 10}
     ({"algorithm": {"sampling": "poisson", "clients_per_round": 10, "max_cohort_size": 5}},
      r"'algorithm.max_cohort_size': 5 is below clients_per_round=10"),
     ({"algorithm": {"sampling": "uniform"}}, r"'algorithm.sampling'"),
+    ({"aggregator": {"name": "dp_secure_mean"},
+      "algorithm": {"weighting": "uniform", "sampling": "poisson"}},
+     r"dp_secure_mean aborts a round below aggregator.min_survivors"),
     ({"aggregator": {"name": "secure_mean", "neighbors": 3},
       "algorithm": {"weighting": "uniform"}}, r"'aggregator.neighbors': got 3"),
     ({"aggregator": {"name": "dp_gaussian", "noise_multiplier": -1},
@@ -206,5 +209,5 @@ def test_auto_chunk_size_is_smaller_for_skewed_populations():
 def test_compression_round_trips_through_to_dict():
     c = parse({"compression": {"kind": "top_k", "fraction": 0.05}})
     d = cfg.to_dict(c)
-    assert d["compression"] == {"kind": "top_k", "fraction": 0.05}
+    assert d["compression"] == {"kind": "top_k", "fraction": 0.05, "error_feedback": False}
     assert parse(d) == c

@@ -179,3 +179,45 @@ def test_expected_reporting_denominator_under_dropout(tmp_path):
     raw["aggregator"]["denominator"] = "expected_reporting"
     rows, _ = _run(tmp_path, raw, "drop")
     assert rows[-1]["noise_std"] == pytest.approx(1.2 * 0.5 / (7 * 0.8), rel=1e-6)
+
+
+def test_a_dp_round_with_an_empty_cohort_still_releases_noise():
+    """Keeping the model when nobody reported would reveal an empty cohort (a count of
+    clients the accounting does not cover): a DP aggregate is applied every round."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from fedjax_lite.algorithms import fedavg
+    from fedjax_lite.core import EngineOptions, make_cohort
+    from fedjax_lite.data import synthetic_logistic
+    from fedjax_lite.models import logistic_regression
+    from fedjax_lite.privacy.gaussian import dp_gaussian
+    population = jax.device_put(synthetic_logistic(num_clients=8, num_features=3,
+                                                   mean_examples=6, seed=0).arrays())
+    model = logistic_regression(3)
+    empty = make_cohort(population, jnp.zeros(4, jnp.int32), jnp.zeros(4, bool))
+    for agg, moves in ((dp_gaussian(1.0, 1.0, 4.0), True), (None, False)):
+        alg = fedavg(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0),
+                     local_epochs=1, batch_size=4, weighting="uniform", aggregator=agg,
+                     engine=EngineOptions(chunk_size=None, unroll=1))
+        state = alg.init(model.init(None))
+        new, _ = jax.jit(alg.apply)(state, empty, jax.random.key(0))
+        changed = bool(jnp.any(new.params["w"] != state.params["w"]))
+        assert changed == moves
+
+
+def test_dp_secure_mean_run_with_dropouts(tmp_path):
+    """DP-FedAvg through secure aggregation (fixed cohorts, SecAgg+ graph, dropouts): the
+    epsilon is the fixed-cohort one; only the constant upload size is logged."""
+    raw = dp_raw("fixed")
+    raw["clients"] = {"dropout": 0.2}
+    raw["aggregator"] = {"name": "dp_secure_mean", "clip_norm": 0.5, "noise_multiplier": 1.2,
+                         "bits": 12, "neighbors": 4, "min_survivors": 3}
+    rows, summary = _run(tmp_path, raw, "dpsec")
+    want = _expected(dpa.rdp.RdpAccountant(neighboring_relation=NR.REPLACE_ONE),
+                     dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(
+                         summary["num_clients"], 7, dpa.GaussianDpEvent(0.6)), 6))
+    assert rows[-1]["epsilon"] == pytest.approx(want, rel=1e-9)
+    assert rows[-1]["secagg_bytes_per_client"] == pytest.approx((12 + 3) * 6 / 8)
+    assert "secagg_aborted" not in rows[-1] and "num_reporting" not in rows[-1]
+    assert rows[-1]["eval_accuracy"] > 0.5

@@ -17,6 +17,12 @@ Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 1 (FedOpt)
 With ServerOpt = SGD(learning rate 1) this is exactly McMahan et al.'s
 ``x_{t+1} = sum_k (n_k / n) x_k``. FedAvgM, FedAdam, FedYogi and FedAdagrad are this
 function with another optax server optimizer.
+
+Between the clients and the aggregator, :func:`fedjax_lite.core.faults.uplink` applies
+the fault model (dropout, attacks, compression). With ``Faults(error_feedback=True)``
+the state is :class:`ServerStateEF`, which adds every client's error-feedback residual;
+otherwise it is :class:`ServerState` (the FedAvg family, FedProx, FedSGD and FedNova
+share both).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.core.aggregators import Aggregator, mean
-from fedjax_lite.core.faults import Faults, apply_faults
+from fedjax_lite.core.faults import (Faults, check_faults, init_residuals, residuals_of,
+                                     uplink)
 from fedjax_lite.core.local import local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
@@ -42,16 +49,36 @@ class ServerState(NamedTuple):
     round: jax.Array
 
 
+class ServerStateEF(NamedTuple):
+    """:class:`ServerState` plus the error-feedback residuals e_i of every population
+    client (params-shaped leaves, leading axis K; :mod:`fedjax_lite.core.faults`)."""
+    params: Any
+    opt_state: Any
+    agg_state: Any
+    round: jax.Array
+    residuals: Any
+
+
+def next_state(state, params, opt_state, agg_state, residuals, **extra):
+    """The state after a round, of the same type as ``state`` (``residuals`` is None
+    for states without that field; ``extra``: further fields, e.g. SCAFFOLD's)."""
+    new = state._replace(params=params, opt_state=opt_state, agg_state=agg_state,
+                         round=state.round + 1, **extra)
+    return new if residuals is None else new._replace(residuals=residuals)
+
+
 def server_update(tx: optax.GradientTransformation, params, opt_state, delta,
-                  weights: jax.Array):
+                  weights: jax.Array, always: bool = False):
     """x_{t+1} = ServerOpt(x_t, pseudo-gradient = -Delta_t).
 
     A round in which no client reported (all ``weights`` 0) keeps the model AND the
-    server optimizer state: a zero pseudo-gradient would still move FedAdam/FedAvgM.
+    server optimizer state: a zero pseudo-gradient would still move FedAdam/FedAvgM --
+    unless ``always`` (a DP aggregate, ``Aggregator.private``: its noise is released every
+    round, so an empty cohort stays indistinguishable from a non-empty one).
     """
     pseudo_grad = jax.tree.map(jnp.negative, delta)
     updates, new_opt_state = tx.update(pseudo_grad, opt_state, params)
-    reported = jnp.sum(weights) > 0
+    reported = True if always else jnp.sum(weights) > 0
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(reported, a, b), new, old)
     return keep(optax.apply_updates(params, updates), params), keep(new_opt_state, opt_state)
 
@@ -69,11 +96,17 @@ def client_weights(cohort: Cohort, weighting: str) -> jax.Array:
 
 
 def server_state_init(server_optimizer: optax.GradientTransformation,
-                      aggregator: Aggregator):
-    """``init(params) -> ServerState`` shared by the FedAvg family."""
-    def init(params) -> ServerState:
-        return ServerState(params, server_optimizer.init(params), aggregator.init(params),
-                           jnp.zeros((), jnp.int32))
+                      aggregator: Aggregator, faults: Faults = Faults()):
+    """``init(params) -> ServerState`` (``ServerStateEF`` with error feedback) shared by
+    the FedAvg family. Validates ``faults``."""
+    check_faults(faults)
+
+    def init(params):
+        fields = (params, server_optimizer.init(params), aggregator.init(params),
+                  jnp.zeros((), jnp.int32))
+        residuals = init_residuals(faults, params)
+        return ServerState(*fields) if residuals is None else ServerStateEF(*fields,
+                                                                            residuals)
     return init
 
 
@@ -99,7 +132,7 @@ def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
     """Builds FedAvg. ``weighting``: ``examples`` (p_k = n_k, the paper's) or ``uniform``."""
     aggregator = aggregator or mean()
     check_weighting(weighting)
-    init = server_state_init(server_optimizer, aggregator)
+    init = server_state_init(server_optimizer, aggregator, faults)
     loss_fn = data_loss(model)
 
     def client_update(server_params, x, y, n, orders):
@@ -115,13 +148,14 @@ def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
         chunk_fn = local_training_chunk(lambda *a: client_update(state.params, *a),
                                         local_epochs=local_epochs)
         deltas, stats = map_cohort(chunk_fn, cohort, (keys,), engine)
-        deltas, weights, fault_metrics = apply_faults(
-            faults, deltas, client_weights(cohort, weighting), cohort.index, agg_key)
+        deltas, weights, residuals, fault_metrics = uplink(
+            faults, deltas, client_weights(cohort, weighting), cohort, agg_key,
+            residuals_of(state))
         delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
                                                          agg_key)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta, weights)
+                                          delta, weights, always=aggregator.private)
         metrics = {"train_loss": cohort_train_loss(stats), **fault_metrics, **agg_metrics}
-        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+        return next_state(state, params, opt_state, agg_state, residuals), metrics
 
     return FederatedAlgorithm(init, apply)

@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, client_weights,
-                                           cohort_train_loss, data_loss, server_state_init,
-                                           server_update)
+                                           cohort_train_loss, data_loss, next_state,
+                                           server_state_init, server_update)
 from fedjax_lite.core.aggregators import Aggregator, mean, weighted_mean
-from fedjax_lite.core.faults import Faults, apply_faults
+from fedjax_lite.core.faults import Faults, residuals_of, uplink
 from fedjax_lite.core.local import local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
@@ -49,7 +49,7 @@ def fednova(model: Model, *, client_optimizer: optax.GradientTransformation,
     aggregator = aggregator or mean()
     check_weighting(weighting)
 
-    init = server_state_init(server_optimizer, aggregator)
+    init = server_state_init(server_optimizer, aggregator, faults)
 
     loss_fn = data_loss(model)
 
@@ -68,16 +68,17 @@ def fednova(model: Model, *, client_optimizer: optax.GradientTransformation,
         chunk_fn = local_training_chunk(lambda *a: client_update(state.params, *a),
                                         local_epochs=local_epochs)
         neg_d, stats = map_cohort(chunk_fn, cohort, (keys,), engine)
-        neg_d, weights, fault_metrics = apply_faults(
-            faults, neg_d, client_weights(cohort, weighting), cohort.index, agg_key)
+        neg_d, weights, residuals, fault_metrics = uplink(
+            faults, neg_d, client_weights(cohort, weighting), cohort, agg_key,
+            residuals_of(state))
         tau_eff = weighted_mean(stats.steps.astype(jnp.float32), weights)         # (3)
         neg_d_t, agg_state, agg_metrics = aggregator.apply(neg_d, weights, state.agg_state,
                                                            agg_key)
         delta = jax.tree.map(lambda a: tau_eff.astype(a.dtype) * a, neg_d_t)
-        params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta, weights)                                   # (4)
+        params, opt_state = server_update(server_optimizer, state.params, state.opt_state,  # (4)
+                                          delta, weights, always=aggregator.private)
         metrics = {"train_loss": cohort_train_loss(stats), "tau_eff": tau_eff,
                    **fault_metrics, **agg_metrics}
-        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+        return next_state(state, params, opt_state, agg_state, residuals), metrics
 
     return FederatedAlgorithm(init, apply)

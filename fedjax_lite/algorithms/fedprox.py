@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, client_weights,
-                                           cohort_train_loss, server_state_init,
+                                           cohort_train_loss, next_state, server_state_init,
                                            server_update)
 from fedjax_lite.core.aggregators import Aggregator, mean
-from fedjax_lite.core.faults import Faults, apply_faults
+from fedjax_lite.core.faults import Faults, residuals_of, uplink
 from fedjax_lite.core.local import local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
@@ -76,7 +76,7 @@ def fedprox(model: Model, *, client_optimizer: optax.GradientTransformation,
     aggregator = aggregator or mean()
     check_weighting(weighting)
 
-    init = server_state_init(server_optimizer, aggregator)
+    init = server_state_init(server_optimizer, aggregator, faults)
 
     def client_update(server_params, x, y, n, orders, num_epochs):
         """Clients k of a chunk: x_k <- ClientOpt E_k epochs on h_k (2); Delta_k."""
@@ -104,15 +104,15 @@ def fedprox(model: Model, *, client_optimizer: optax.GradientTransformation,
         weights = client_weights(cohort, weighting)                        # (3)
         if drop_stragglers:
             weights = jnp.where(is_straggler, 0.0, weights)
-        deltas, weights, fault_metrics = apply_faults(faults, deltas, weights, cohort.index,
-                                                      agg_key)
+        deltas, weights, residuals, fault_metrics = uplink(faults, deltas, weights, cohort,
+                                                           agg_key, residuals_of(state))
         delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
                                                          agg_key)
-        params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta, weights)                           # (4)
+        params, opt_state = server_update(server_optimizer, state.params, state.opt_state,  # (4)
+                                          delta, weights, always=aggregator.private)
         metrics = {"train_loss": cohort_train_loss(stats),
                    "stragglers": jnp.sum(is_straggler.astype(jnp.int32)),
                    **fault_metrics, **agg_metrics}
-        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+        return next_state(state, params, opt_state, agg_state, residuals), metrics
 
     return FederatedAlgorithm(init, apply)

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, client_weights,
-                                           cohort_train_loss, server_state_init,
+                                           cohort_train_loss, next_state, server_state_init,
                                            server_update)
 from fedjax_lite.core.aggregators import Aggregator, mean
-from fedjax_lite.core.faults import Faults, apply_faults
+from fedjax_lite.core.faults import Faults, residuals_of, uplink
 from fedjax_lite.core.local import LocalStats
 from fedjax_lite.core.round import Cohort, EngineOptions, FederatedAlgorithm, map_cohort
 from fedjax_lite.models.base import Model, masked_mean_loss
@@ -42,7 +42,7 @@ def fedsgd(model: Model, *, server_optimizer: optax.GradientTransformation,
     aggregator = aggregator or mean()
     check_weighting(weighting)
 
-    init = server_state_init(server_optimizer, aggregator)
+    init = server_state_init(server_optimizer, aggregator, faults)
 
     def client_gradient(server_params, x, y, n):
         """ONE client: (1) over its n real examples (mask = arange(N) < n)."""
@@ -57,13 +57,14 @@ def fedsgd(model: Model, *, server_optimizer: optax.GradientTransformation,
         chunk_fn = jax.vmap(lambda x, y, n: client_gradient(state.params, x, y, n))
         grads, stats = map_cohort(chunk_fn, cohort, (), engine)
         deltas = jax.tree.map(jnp.negative, grads)                         # -g_k
-        deltas, weights, fault_metrics = apply_faults(
-            faults, deltas, client_weights(cohort, weighting), cohort.index, agg_key)
+        deltas, weights, residuals, fault_metrics = uplink(
+            faults, deltas, client_weights(cohort, weighting), cohort, agg_key,
+            residuals_of(state))
         delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
                                                          agg_key)          # (2): -g_t
-        params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta, weights)                           # (3)
+        params, opt_state = server_update(server_optimizer, state.params, state.opt_state,  # (3)
+                                          delta, weights, always=aggregator.private)
         metrics = {"train_loss": cohort_train_loss(stats), **fault_metrics, **agg_metrics}
-        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+        return next_state(state, params, opt_state, agg_state, residuals), metrics
 
     return FederatedAlgorithm(init, apply)

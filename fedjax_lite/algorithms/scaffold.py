@@ -25,7 +25,10 @@ different sizes get their own K_i; a client that took no step keeps its c_i.
 Faults: a client that drops out (``Faults.dropout``) has weight 0 in Delta x, adds
 nothing to c, and keeps its old c_i; S in the c update is then the reporting clients, so
 c <- c + (1/N) sum_{reporting i} Delta c_i, which keeps c = mean_i c_i. Update attacks
-corrupt Delta y_i only. A round in which nobody reports changes nothing.
+corrupt Delta y_i only. A round in which nobody reports changes nothing. With
+``Faults(error_feedback=True)`` the uplink of Delta y_i gets error feedback
+(:mod:`fedjax_lite.core.faults`) and the state is :class:`ScaffoldStateEF`; the control
+variates are exchanged uncompressed, as in the paper.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_lite.algorithms.fedavg import client_weights, cohort_train_loss, server_update
+from fedjax_lite.algorithms.fedavg import (client_weights, cohort_train_loss, next_state,
+                                           server_update)
+from fedjax_lite.core import client_state
 from fedjax_lite.core.aggregators import Aggregator, mean
-from fedjax_lite.core.faults import Faults, apply_faults
+from fedjax_lite.core.faults import Faults, check_faults, init_residuals, residuals_of, uplink
 from fedjax_lite.core.local import local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
-                                    local_training_chunk, map_cohort, scatter_index)
+                                    local_training_chunk, map_cohort)
 from fedjax_lite.models.base import Model, masked_mean_loss
 
 
@@ -53,6 +58,18 @@ class ScaffoldState(NamedTuple):
     round: jax.Array
     c: Any             # server control variate, params-shaped
     client_c: Any      # c_i of every population row: params-shaped leaves, leading axis N
+
+
+class ScaffoldStateEF(NamedTuple):
+    """:class:`ScaffoldState` plus every client's error-feedback residual e_i (leading
+    axis N) for the compressed uplink of Delta y_i."""
+    params: Any
+    opt_state: Any
+    agg_state: Any
+    round: jax.Array
+    c: Any
+    client_c: Any
+    residuals: Any
 
 
 def sgd_learning_rate(tx: optax.GradientTransformation,
@@ -103,13 +120,18 @@ def scaffold(model: Model, *, num_clients: int, client_optimizer: optax.Gradient
         raise ValueError(f"scaffold: num_clients={num_clients} must be >= 1")
     eta_l = sgd_learning_rate(client_optimizer, client_learning_rate)
     aggregator = aggregator or mean()
+    check_faults(faults)
+    if faults.error_feedback and faults.num_clients != num_clients:
+        raise ValueError(f"scaffold: num_clients={num_clients} but faults.num_clients="
+                         f"{faults.num_clients}")
 
-    def init(params) -> ScaffoldState:
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        client_c = jax.tree.map(lambda p: jnp.zeros((num_clients,) + p.shape, p.dtype),
-                                params)
-        return ScaffoldState(params, server_optimizer.init(params), aggregator.init(params),
-                             jnp.zeros((), jnp.int32), zeros, client_c)
+    def init(params) -> ScaffoldState | ScaffoldStateEF:
+        fields = (params, server_optimizer.init(params), aggregator.init(params),
+                  jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                  client_state.zeros(num_clients, params))
+        residuals = init_residuals(faults, params)
+        return ScaffoldState(*fields) if residuals is None else ScaffoldStateEF(*fields,
+                                                                                residuals)
 
     def client_update(x_t, c, x, y, n, orders, c_i):
         """Clients i of a chunk (c_i: leading axis K): corrected local SGD from x_t, then
@@ -142,29 +164,29 @@ def scaffold(model: Model, *, num_clients: int, client_optimizer: optax.Gradient
                              f"{cohort.population['n'].shape[0]} rows")
         agg_key, train_key = jax.random.split(key)
         keys = client_keys(train_key, cohort.index)
-        c_rows = jax.tree.map(lambda a: jnp.take(a, cohort.index, axis=0), state.client_c)
+        c_rows = client_state.gather(state.client_c, cohort)
         chunk_fn = local_training_chunk(
             lambda *a: client_update(state.params, state.c, *a), local_epochs=local_epochs)
         delta_y, delta_c, stats = map_cohort(chunk_fn, cohort, (keys, c_rows), engine)
-        delta_y, weights, fault_metrics = apply_faults(
-            faults, delta_y, client_weights(cohort, "uniform"), cohort.index, agg_key)
+        delta_y, weights, residuals, fault_metrics = uplink(
+            faults, delta_y, client_weights(cohort, "uniform"), cohort, agg_key,
+            residuals_of(state))
         reports = weights > 0
         delta_x, agg_state, agg_metrics = aggregator.apply(delta_y, weights,
                                                            state.agg_state, agg_key)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta_x, weights)
+                                          delta_x, weights, always=aggregator.private)
         # c <- c + (|S|/N) mean_{i in S} Delta c_i, S the reporting clients.
         delta_c = jax.tree.map(
             lambda d: jnp.where(reports.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0), delta_c)
         c = jax.tree.map(lambda cc, d: cc + jnp.sum(d, axis=0) / num_clients, state.c,
                          delta_c)
-        new_rows = jax.tree.map(jnp.add, c_rows, delta_c)     # dropped: unchanged
-        rows = scatter_index(cohort)           # padding slots write nothing
-        client_c = jax.tree.map(lambda a, r: a.at[rows].set(r, mode="drop"), state.client_c,
-                                new_rows)
+        # c_i <- c_i+ for the reporting clients; dropped clients and padding slots keep c_i
+        client_c = client_state.scatter(state.client_c, cohort,
+                                        jax.tree.map(jnp.add, c_rows, delta_c), keep=~reports)
         metrics = {"train_loss": cohort_train_loss(stats),
                    "server_c_norm": optax.tree.norm(c), **fault_metrics, **agg_metrics}
-        return ScaffoldState(params, opt_state, agg_state, state.round + 1, c,
-                             client_c), metrics
+        return next_state(state, params, opt_state, agg_state, residuals, c=c,
+                          client_c=client_c), metrics
 
     return FederatedAlgorithm(init, apply)

@@ -25,8 +25,12 @@ from jax.flatten_util import ravel_pytree
 
 
 class Aggregator(NamedTuple):
+    """``private``: the aggregate is a DP release that must be applied every round, even
+    when no client reported (keeping the model then would reveal that the cohort was
+    empty -- a fact about client data outside the accounted mechanism)."""
     init: Callable[[Any], Any]
     apply: Callable[[Any, jax.Array, Any, jax.Array], tuple[Any, Any, dict]]
+    private: bool = False
 
 
 def weighted_mean(deltas, weights: jax.Array):
@@ -361,88 +365,3 @@ def norm_bound(max_norm: float) -> Aggregator:
         return unravel(out), metrics
 
     return _stateless(apply_fn)
-
-
-SECAGG_MASK_STREAM = 0x53414D4B   # "SAMK"
-SECAGG_ROUND_STREAM = 0x53415244  # "SARD"
-
-
-def _modulus_mask(bits: int) -> jax.Array:
-    """x & _modulus_mask(bits) == x mod 2^bits on uint32."""
-    return jnp.uint32((1 << bits) - 1) if bits < 32 else jnp.uint32(0xFFFFFFFF)
-
-
-def secagg_uploads(flat: jax.Array, mask: jax.Array, key: jax.Array, clip_value: float,
-                   bits: int, modulus_bits: int) -> jax.Array:
-    """uint32[C, D]: what each client of :func:`secure_mean` sends (0 rows for clients
-    that do not report): its clipped update in ``bits``-bit fixed point (stochastic
-    rounding) plus a one-time mask, mod 2^``modulus_bits``. The masks are uniform and sum
-    to 0 mod 2^``modulus_bits`` over the reporting clients."""
-    C, D = flat.shape
-    c, levels = float(clip_value), float(2 ** bits - 1)
-    modulus_mask = _modulus_mask(modulus_bits)
-    k_round, k_mask = jax.random.split(jax.random.fold_in(key, SECAGG_ROUND_STREAM))
-    scaled = (jnp.clip(flat, -c, c) + c) / (2 * c) * levels                # [0, levels]
-    low = jnp.floor(scaled)
-    up = jax.random.uniform(k_round, scaled.shape, scaled.dtype) < (scaled - low)
-    enc = (low + up.astype(scaled.dtype)).astype(jnp.uint32)
-    masks = jax.random.bits(jax.random.fold_in(k_mask, SECAGG_MASK_STREAM), (C, D),
-                            jnp.uint32) & modulus_mask
-    masks = jnp.where(mask[:, None], masks, jnp.uint32(0))
-    first = jnp.argmax(mask)                           # absorbs the others' total
-    total = jnp.sum(masks, axis=0, dtype=jnp.uint32)
-    masks = masks.at[first].add(jnp.uint32(0) - total) & modulus_mask
-    return jnp.where(mask[:, None], (enc + masks) & modulus_mask, jnp.uint32(0))
-
-
-def secure_mean(clip_value: float, bits: int = 16) -> Aggregator:
-    """Secure aggregation, simulated (Bonawitz et al., "Practical Secure Aggregation for
-    Privacy-Preserving Machine Learning", CCS 2017): the server learns only the SUM of
-    the reporting clients' updates, so this is the unweighted mean over reporting clients.
-
-    What is simulated, per client k and coordinate i: clip to ``[-c, c]``
-    (``clip_value``), encode in fixed point as an integer in ``[0, 2^bits - 1]`` with
-    unbiased stochastic rounding, add a one-time mask, and send the result modulo
-    ``R = 2^r``, ``r = bits + ceil(log2 C)`` (large enough that the sum of C encodings
-    never wraps). The masks are uniform over Z_R and sum to 0 over the reporting clients
-    -- the outcome of Bonawitz et al.'s pairwise masks after the server has removed
-    those of dropped clients -- so every masked vector the server sees is uniformly
-    random, and the masked vectors' sum is the sum of the encodings. The server decodes
-    that sum into the mean. Key agreement and secret sharing are not simulated; their
-    cost is outside the payload counted in ``secagg_bytes_per_client`` (r bits per
-    coordinate). Also reported: ``secagg_clipped_fraction`` (coordinates clipped).
-    """
-    if not clip_value > 0:
-        raise ValueError(f"secure_mean: clip_value must be > 0, got clip_value={clip_value!r}")
-    if not (isinstance(bits, int) and 2 <= bits <= 24):
-        raise ValueError(f"secure_mean: bits must be an integer in [2, 24], got bits={bits!r}")
-    c, levels = float(clip_value), float(2 ** bits - 1)
-
-    def init(params_like):
-        del params_like
-        return ()
-
-    def apply(deltas, weights, state, key):
-        flat, mask, m, unravel = _flatten(deltas, weights)
-        C, D = flat.shape
-        r = bits + max(1, math.ceil(math.log2(C)))
-        if r > 32:
-            raise ValueError(f"secure_mean: bits={bits} with a cohort of {C} needs a "
-                             f"{r}-bit modulus; use at most {32 - math.ceil(math.log2(C))} "
-                             "bits")
-        sent = secagg_uploads(flat, mask, key, c, bits, r)
-        # server side: the sum of what was sent, mod R, is the sum of the encodings
-        summed = jnp.sum(sent, axis=0, dtype=jnp.uint32) & _modulus_mask(r)
-        count = jnp.maximum(m, 1).astype(jnp.uint32)   # integer part exact in float32
-        mean = ((summed // count).astype(jnp.float32)
-                + (summed % count).astype(jnp.float32) / count.astype(jnp.float32))
-        out = mean / levels * (2 * c) - c
-        out = jnp.where(m > 0, out, 0.0).astype(flat.dtype)
-        metrics = _empty_metrics(m)
-        metrics["secagg_bytes_per_client"] = jnp.asarray(r * D / 8.0, jnp.float32)
-        metrics["secagg_clipped_fraction"] = (
-            jnp.sum(mask[:, None] & (jnp.abs(flat) > c)) / jnp.maximum(m * D, 1)).astype(
-            jnp.float32)
-        return unravel(out), state, metrics
-
-    return Aggregator(init, apply)

@@ -119,7 +119,8 @@ def build_aggregator(config: Config, privacy=None) -> Aggregator:
         return aggregators.norm_bound(g.max_norm)
     from fedjax_lite.privacy import ftrl, gaussian, secagg
     C = config.algorithm.clients_per_round
-    min_survivors = g.min_survivors if g.min_survivors is not None else C // 2 + 1
+    min_survivors = (g.min_survivors if g.min_survivors is not None
+                     else secagg.default_min_survivors(C))
     if g.name == "secure_mean":
         return secagg.secure_mean(g.clip_value, g.bits, min_survivors=min_survivors,
                                   neighbors=g.neighbors)
@@ -152,7 +153,9 @@ def build_faults(config: Config, num_clients: int) -> Faults:
     return Faults(dropout=config.clients.dropout,
                   attack=None if attack.kind == "none" else attack.kind,
                   attackers=attackers, scale=attack.scale, noise_std=attack.noise_std,
-                  compressor=build_compressor(config))
+                  compressor=build_compressor(config),
+                  error_feedback=config.compression.error_feedback,
+                  num_clients=num_clients)
 
 
 def build_compressor(config: Config) -> compression.Compressor | None:
@@ -161,6 +164,8 @@ def build_compressor(config: Config) -> compression.Compressor | None:
         return compression.qsgd(c.bits)
     if c.kind == "top_k":
         return compression.top_k(c.fraction)
+    if c.kind == "rotated_quantization":
+        return compression.rotated_quantization(c.bits)
     return None
 
 

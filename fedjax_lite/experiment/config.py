@@ -240,17 +240,21 @@ class AttackConfig:
     noise_std: float = field(default=1.0, metadata=_POS)   # gaussian
 
 
-COMPRESSION_KEYS = {"bits": ("qsgd",), "fraction": ("top_k",)}
+COMPRESSION_KEYS = {"bits": ("qsgd", "rotated_quantization"), "fraction": ("top_k",),
+                    "error_feedback": ("qsgd", "top_k", "rotated_quantization")}
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """Uplink compression of client updates (``fedjax_lite.core.compression``)."""
-    kind: Literal["none", "qsgd", "top_k"] = "none"
+    """Uplink compression of client updates (``fedjax_lite.core.compression``).
+    error_feedback: each client keeps the part its compressed uploads lost (a residual in
+    a population-sized client state) and adds it to its next update."""
+    kind: Literal["none", "qsgd", "top_k", "rotated_quantization"] = "none"
     bits: int = field(default=8, metadata=_check(lambda v: 2 <= v <= 16,
                                                  "an integer in [2, 16]"))
     fraction: float = field(default=0.01, metadata=_check(lambda v: 0 < v <= 1,
                                                           "a number in (0, 1]"))
+    error_feedback: bool = False
 
 
 @dataclass(frozen=True)
@@ -586,6 +590,11 @@ def _check_private(config: Config, raw: dict) -> None:
         raise ConfigError(f"config key 'privacy.neighboring': add_remove is not valid with "
                           f"algorithm.sampling {algo.sampling} ({why}); use sampling: "
                           "poisson, or neighboring: replace_one")
+    if agg.name == "dp_secure_mean" and algo.sampling == "poisson":
+        raise ConfigError("config key 'algorithm.sampling': dp_secure_mean aborts a round "
+                          "below aggregator.min_survivors, and with Poisson sampling whether "
+                          "that happens depends on the cohort size, a count of clients that "
+                          "the accounting does not cover; use sampling: fixed or epochs")
     population = max(getattr(config.data, "num_clients", 0), algo.clients_per_round + 1)
     setup = privacy_setup(config, population, noise_multiplier=1.0)
     try:

@@ -264,18 +264,18 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
 
 def check_static_cohort(config: cfg.Config, cohort: int) -> None:
     """Aggregator settings that depend on the static cohort size, checked before anything
-    compiles (ConfigError)."""
-    from fedjax_lite.privacy import secagg
+    compiles or is written (ConfigError naming the key)."""
     g = config.aggregator
-    if g.name in ("secure_mean", "dp_secure_mean"):
-        try:
-            secagg.check_bits(g.bits, cohort)
-        except ValueError as e:
-            raise cfg.ConfigError(str(e)) from None
-    if g.name in ("secure_mean", "dp_secure_mean") and g.neighbors is not None \
-            and g.neighbors >= cohort:
-        raise cfg.ConfigError(f"config key 'aggregator.neighbors': {g.neighbors} must be "
-                              f"below the cohort size {cohort}")
+    if g.name not in ("secure_mean", "dp_secure_mean"):
+        return
+    from fedjax_lite.privacy import secagg
+    try:
+        secagg.check_bits(g.bits, cohort)
+        secagg.check_graph(g.neighbors, cohort)
+        if g.min_survivors is not None:
+            secagg.check_min_survivors(g.min_survivors, cohort)
+    except ValueError as e:
+        raise cfg.ConfigError(f"config key {e}") from None
 
 
 def _all_finite(tree) -> bool:

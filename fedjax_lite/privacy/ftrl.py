@@ -175,7 +175,7 @@ def dp_ftrl(clip_norm: float, noise_multiplier: float, expected_clients: float, 
         }
         return unravel(out), TreeState(t.astype(jnp.int32), nodes, noise), metrics
 
-    return Aggregator(init, apply)
+    return Aggregator(init, apply, private=True)
 
 
 __all__ = ["TreeState", "dp_ftrl", "tree_depth",

@@ -221,7 +221,7 @@ def dp_gaussian(clip_norm: float, noise_multiplier: float, expected_clients: flo
             metrics["clipped_fraction_noisy"] = (1.0 - b_noisy).astype(jnp.float32)
         return unravel(out), state, metrics
 
-    return Aggregator(init, apply)
+    return Aggregator(init, apply, private=True)
 
 
 __all__ = ["DP_COUNT_STREAM", "DP_NOISE_STREAM", "AdaptiveClipState", "AdaptiveClipping",
