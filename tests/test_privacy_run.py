@@ -4,7 +4,6 @@ nothing computed from client data outside the mechanism is logged; configs that 
 be accounted, or would exceed a target epsilon, are refused before anything is written."""
 
 import json
-import os
 
 import dp_accounting as dpa
 import pytest

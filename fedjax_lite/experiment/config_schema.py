@@ -1,0 +1,288 @@
+"""The experiment configuration's schema: frozen dataclasses with defaults, allowed
+values and range checks (``field(metadata=_check(...))``). Parsing and cross-field
+validation live in :mod:`fedjax_lite.experiment.config`, which re-exports everything here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the offending key."""
+
+
+def _check(pred, allowed: str) -> dict:
+    return {"check": (pred, allowed)}
+
+
+_POS_INT = _check(lambda v: v > 0, "a positive integer")
+_NONNEG_INT = _check(lambda v: v >= 0, "an integer >= 0")
+_POS = _check(lambda v: v > 0, "a number > 0")
+_NONNEG = _check(lambda v: v >= 0, "a number >= 0")
+_FRACTION = _check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class SyntheticLogisticData:
+    """Binary clients sharing one linear boundary, with feature shift and size skew."""
+    kind: Literal["synthetic_logistic"] = "synthetic_logistic"
+    num_clients: int = field(default=1000, metadata=_POS_INT)
+    num_features: int = field(default=20, metadata=_POS_INT)
+    mean_examples: float = field(default=50.0, metadata=_POS)
+    size_sigma: float = field(default=0.5, metadata=_NONNEG)
+    min_examples: int = field(default=4, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+    feature_shift: float = field(default=1.0, metadata=_NONNEG)
+    label_noise: float = field(default=0.02, metadata=_check(lambda v: 0 <= v <= 0.5,
+                                                            "a number in [0, 0.5]"))
+    test_fraction: float = field(default=0.2, metadata=_FRACTION)
+
+
+@dataclass(frozen=True)
+class FedProxSyntheticData:
+    """Synthetic(alpha, beta) of Li et al. (MLSys 2020), section 5.1, or its IID variant."""
+    kind: Literal["fedprox_synthetic"] = "fedprox_synthetic"
+    alpha: float = field(default=1.0, metadata=_NONNEG)
+    beta: float = field(default=1.0, metadata=_NONNEG)
+    iid: bool = False
+    num_clients: int = field(default=30, metadata=_POS_INT)
+    num_features: int = field(default=60, metadata=_POS_INT)
+    num_classes: int = field(default=10, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+    test_fraction: float = field(default=0.2, metadata=_FRACTION)
+
+
+@dataclass(frozen=True)
+class NpzData:
+    """Bring-your-own data: .npz files with arrays x (N, d), y (N,), client (N,)."""
+    kind: Literal["npz"] = "npz"
+    path: str = ""
+    test_path: str | None = None
+    test_fraction: float = field(default=0.2, metadata=_FRACTION)
+
+
+DataConfig = Union[SyntheticLogisticData, FedProxSyntheticData, NpzData]
+DATA_KINDS = {c.__dataclass_fields__["kind"].default: c
+              for c in (SyntheticLogisticData, FedProxSyntheticData, NpzData)}
+
+
+# ---------------------------------------------------------------------------- model
+
+@dataclass(frozen=True)
+class LogisticRegressionModel:
+    kind: Literal["logistic_regression"] = "logistic_regression"
+
+
+@dataclass(frozen=True)
+class MultinomialLogisticRegressionModel:
+    kind: Literal["multinomial_logistic_regression"] = "multinomial_logistic_regression"
+    num_classes: int = field(default=10, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+
+
+ModelConfig = Union[LogisticRegressionModel, MultinomialLogisticRegressionModel]
+MODEL_KINDS = {c.__dataclass_fields__["kind"].default: c
+               for c in (LogisticRegressionModel, MultinomialLogisticRegressionModel)}
+
+
+# ------------------------------------------------------------------------ algorithm
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """``name`` = an optax optimizer (``optax.<name>``); ``kwargs`` = its arguments."""
+    name: str
+    kwargs: dict
+
+
+ALGORITHMS = ("fedavg", "fedsgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox",
+              "scaffold", "fednova")
+
+# FedOpt family: FedAvg with this server optimizer (Hsu et al. 2019; Reddi et al. 2021).
+# Defaults follow Reddi et al.'s search grids' typical values; tau = eps = 1e-3.
+SERVER_OPTIMIZER_OF = {
+    "fedavgm": OptimizerConfig("sgd", {"learning_rate": 1.0, "momentum": 0.9}),
+    "fedadam": OptimizerConfig("adam", {"learning_rate": 0.01, "b1": 0.9, "b2": 0.99,
+                                        "eps": 0.001}),
+    "fedyogi": OptimizerConfig("yogi", {"learning_rate": 0.01, "b1": 0.9, "b2": 0.99,
+                                        "eps": 0.001}),
+    "fedadagrad": OptimizerConfig("adagrad", {"learning_rate": 0.01, "eps": 0.001}),
+}
+# keys that only some algorithms take (absent = the algorithm's default)
+ALGORITHM_ONLY_KEYS = {"mu": ("fedprox",), "straggler_fraction": ("fedprox",),
+                       "drop_stragglers": ("fedprox",)}
+# keys that only some sampling kinds take
+SAMPLING_ONLY_KEYS = {"max_cohort_size": ("poisson",)}
+
+
+SAMPLINGS = ("fixed", "poisson", "epochs")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: Literal[ALGORITHMS] = "fedavg"
+    # fixed: clients_per_round clients uniformly without replacement; poisson: each client
+    # independently with rate clients_per_round / K (cohort padded to max_cohort_size,
+    # default: the size exceeded with probability <= 1e-12 per round); epochs: each client
+    # once per epoch of ceil(K / clients_per_round) rounds
+    sampling: Literal[SAMPLINGS] = "fixed"
+    max_cohort_size: Union[int, None] = None                    # poisson only
+    clients_per_round: int = field(default=10, metadata=_POS_INT)
+    local_epochs: int = field(default=1, metadata=_POS_INT)
+    batch_size: int = field(default=16, metadata=_POS_INT)
+    weighting: Literal["examples", "uniform"] = "examples"
+    client_optimizer: OptimizerConfig = OptimizerConfig("sgd", {"learning_rate": 0.1})
+    server_optimizer: OptimizerConfig = OptimizerConfig("sgd", {"learning_rate": 1.0})
+    mu: float = field(default=0.01, metadata=_NONNEG)         # fedprox: proximal weight
+    straggler_fraction: float = field(default=0.0, metadata=_check(
+        lambda v: 0 <= v <= 1, "a number in [0, 1]"))          # fedprox
+    drop_stragglers: bool = False                               # fedprox
+
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
+               "norm_bound", "dp_gaussian", "dp_ftrl", "secure_mean", "dp_secure_mean")
+# aggregators whose release is a DP mechanism accounted in fedjax_lite.privacy.accounting
+DP_AGGREGATORS = ("dp_gaussian", "dp_ftrl", "dp_secure_mean")
+_DP = DP_AGGREGATORS
+AGGREGATOR_KEYS = {"trim": ("trimmed_mean",), "num_byzantine": ("krum", "multi_krum"),
+                   "num_selected": ("multi_krum",), "max_norm": ("norm_bound",),
+                   "max_iters": ("geometric_median",), "clip_norm": _DP,
+                   "noise_multiplier": _DP, "denominator": _DP,
+                   "target_quantile": ("dp_gaussian",), "clip_learning_rate": ("dp_gaussian",),
+                   "count_stddev": ("dp_gaussian",), "restart_every": ("dp_ftrl",),
+                   "clip_value": ("secure_mean",), "bits": ("secure_mean", "dp_secure_mean"),
+                   "min_survivors": ("secure_mean", "dp_secure_mean"),
+                   "neighbors": ("secure_mean", "dp_secure_mean")}
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    name: Literal[AGGREGATORS] = "mean"
+    trim: float = field(default=0.1, metadata=_check(lambda v: 0 <= v < 0.5,
+                                                     "a number in [0, 0.5)"))
+    num_byzantine: int = field(default=1, metadata=_NONNEG_INT)
+    num_selected: int = field(default=2, metadata=_POS_INT)
+    max_norm: float = field(default=1.0, metadata=_POS)
+    max_iters: int = field(default=10, metadata=_POS_INT)
+    # DP aggregators: clip every update to L2 norm clip_norm (the initial norm with
+    # adaptive clipping), Gaussian noise of std noise_multiplier * clip_norm on the sum
+    # (null: 1.0, or calibrated to privacy.target_epsilon), divided by a fixed denominator:
+    # 'expected' = clients_per_round, 'expected_reporting' = clients_per_round * (1 -
+    # clients.dropout) (unbiased under dropout)
+    clip_norm: float = field(default=1.0, metadata=_POS)
+    noise_multiplier: Union[float, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v >= 0, "a number >= 0"))
+    denominator: Literal["expected", "expected_reporting"] = "expected"
+    # dp_gaussian adaptive clipping (Andrew et al. 2021): on when target_quantile is set
+    target_quantile: Union[float, None] = field(default=None, metadata=_check(
+        lambda v: v is None or 0 < v < 1, "a number in (0, 1)"))
+    clip_learning_rate: float = field(default=0.2, metadata=_POS)
+    count_stddev: Union[float, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v > 0, "a number > 0"))
+    # dp_ftrl: rounds per tree (null: one tree for the run, or one epoch with sampling epochs)
+    restart_every: Union[int, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v > 0, "a positive integer"))
+    # secure_mean (secure aggregation simulated): per-coordinate clip, fixed-point bits;
+    # the round aborts below min_survivors (null: a majority of clients_per_round);
+    # neighbors: null = all pairs (SecAgg), k = a k-regular graph (SecAgg+)
+    clip_value: float = field(default=1.0, metadata=_POS)
+    bits: int = field(default=16, metadata=_check(lambda v: 2 <= v <= 24,
+                                                  "an integer in [2, 24]"))
+    min_survivors: Union[int, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v >= 1, "a positive integer"))
+    neighbors: Union[int, None] = field(default=None, metadata=_check(
+        lambda v: v is None or (v >= 2 and v % 2 == 0), "an even integer >= 2"))
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Accounting of the DP aggregators (``fedjax_lite.privacy.accounting``).
+
+    neighboring: null = the sampling's natural relation (poisson: add_remove, fixed:
+    replace_one, epochs and dp_ftrl otherwise: zero_out). target_epsilon: calibrate
+    aggregator.noise_multiplier to it (when that is null), or refuse a config that would
+    exceed it. nonprivate_diagnostics: also log round metrics computed from client data
+    outside the mechanism (train_loss, exact clipped fraction, cohort size); off by default.
+    """
+    accountant: Literal["rdp", "pld"] = "rdp"
+    neighboring: Union[Literal["add_remove", "zero_out", "replace_one"], None] = None
+    delta: float = field(default=1e-5, metadata=_check(lambda v: 0 < v < 1,
+                                                       "a number in (0, 1)"))
+    target_epsilon: Union[float, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v > 0, "a number > 0"))
+    nonprivate_diagnostics: bool = False
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    dropout: float = field(default=0.0, metadata=_FRACTION)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """A fixed, seeded ``fraction`` of the population is Byzantine."""
+    kind: Literal["none", "sign_flip", "gaussian", "scale", "label_flip"] = "none"
+    fraction: float = field(default=0.2, metadata=_check(lambda v: 0 <= v <= 1,
+                                                          "a number in [0, 1]"))
+    scale: float = field(default=1.0, metadata=_POS)       # sign_flip / scale multiplier
+    noise_std: float = field(default=1.0, metadata=_POS)   # gaussian
+
+
+COMPRESSION_KEYS = {"bits": ("qsgd", "rotated_quantization"), "fraction": ("top_k",),
+                    "error_feedback": ("qsgd", "top_k", "rotated_quantization")}
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Uplink compression of client updates (``fedjax_lite.core.compression``).
+    error_feedback: each client keeps the part its compressed uploads lost (a residual in
+    a population-sized client state) and adds it to its next update."""
+    kind: Literal["none", "qsgd", "top_k", "rotated_quantization"] = "none"
+    bits: int = field(default=8, metadata=_check(lambda v: 2 <= v <= 16,
+                                                 "an integer in [2, 16]"))
+    fraction: float = field(default=0.01, metadata=_check(lambda v: 0 < v <= 1,
+                                                          "a number in (0, 1]"))
+    error_feedback: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Speed knobs; results do not depend on them beyond float reassociation.
+
+    chunk_size: clients trained together (``auto``: on CPU 64, or 8 when client sizes
+    are skewed -- largest > 4x median; the whole cohort on GPU/TPU; ``all``: the whole
+    cohort; or an integer). unroll: local step scan unroll. devices: how many local
+    devices the cohort is sharded over (``auto``: all; the CLI exposes every CPU core as
+    a device). group_by_size: chunks hold clients of similar size (skewed populations
+    then skip most padded steps).
+    """
+    chunk_size: Union[int, Literal["auto", "all"]] = "auto"
+    unroll: int = field(default=4, metadata=_POS_INT)
+    devices: Union[int, Literal["auto"]] = "auto"
+    group_by_size: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = field(default=0, metadata=_NONNEG_INT)
+    rounds: int = field(default=100, metadata=_POS_INT)
+    eval_every: int = field(default=5, metadata=_POS_INT)
+    checkpoint_every: int = field(default=10, metadata=_NONNEG_INT)  # 0: only at the end
+    data: DataConfig = field(default_factory=SyntheticLogisticData)
+    model: ModelConfig = field(default_factory=LogisticRegressionModel)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def is_private(self) -> bool:
+        """A DP aggregator: epsilon is accounted and reported."""
+        return self.aggregator.name in DP_AGGREGATORS
+
+    @property
+    def num_classes(self) -> int:
+        return getattr(self.model, "num_classes", 2)
