@@ -66,11 +66,9 @@ def test_top_k_keeps_the_largest_coordinates_and_counts_bits():
     np.testing.assert_array_equal(np.asarray(b), k * (32 + math.ceil(math.log2(D))))
 
 
-def test_lossless_settings_and_byte_metrics_in_a_round():
-    """top_k(1.0) sends everything: the round equals the uncompressed one; the metrics
-    count the payloads of the clients that reported."""
-    rng = np.random.default_rng(2)
-    K, N, d = 12, 9, 4
+def _round_runner(seed, K, N, d, epochs, cohort, key):
+    """``run(faults) -> (params, metrics)``: one FedAvg round on a random population."""
+    rng = np.random.default_rng(seed)
     pop = {"x": jnp.asarray(rng.normal(size=(K, N, d)), jnp.float32),
            "y": jnp.asarray(rng.integers(0, 2, size=(K, N)), jnp.int32),
            "n": jnp.asarray(rng.integers(1, N + 1, size=K), jnp.int32)}
@@ -78,10 +76,20 @@ def test_lossless_settings_and_byte_metrics_in_a_round():
 
     def run(faults):
         alg = fedavg(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0),
-                     local_epochs=2, batch_size=3, faults=faults)
-        fn = jax.jit(build_round(alg, num_clients=K, clients_per_round=8))
-        state, metrics = fn(alg.init(model.init(jax.random.key(0))), pop, jax.random.key(5))
+                     local_epochs=epochs, batch_size=3, faults=faults)
+        fn = jax.jit(build_round(alg, num_clients=K, clients_per_round=cohort))
+        state, metrics = fn(alg.init(model.init(jax.random.key(0))), pop,
+                            jax.random.key(key))
         return state.params, metrics
+
+    return run
+
+
+def test_lossless_settings_and_byte_metrics_in_a_round():
+    """top_k(1.0) sends everything: the round equals the uncompressed one; the metrics
+    count the payloads of the clients that reported."""
+    d = 4
+    run = _round_runner(seed=2, K=12, N=9, d=d, epochs=2, cohort=8, key=5)
 
     plain, _ = run(Faults())
     full, m = run(Faults(compressor=compression.top_k(1.0)))
@@ -224,19 +232,7 @@ def test_rotation_beats_plain_stochastic_quantization_on_a_skewed_vector():
 
 
 def test_high_resolution_rotated_quantization_round_is_close_to_the_plain_round():
-    rng = np.random.default_rng(11)
-    K, N, d = 10, 6, 5
-    pop = {"x": jnp.asarray(rng.normal(size=(K, N, d)), jnp.float32),
-           "y": jnp.asarray(rng.integers(0, 2, size=(K, N)), jnp.int32),
-           "n": jnp.asarray(rng.integers(1, N + 1, size=K), jnp.int32)}
-    model = logistic_regression(d)
-
-    def run(faults):
-        alg = fedavg(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0),
-                     local_epochs=1, batch_size=3, faults=faults)
-        fn = jax.jit(build_round(alg, num_clients=K, clients_per_round=6))
-        state, metrics = fn(alg.init(model.init(jax.random.key(0))), pop, jax.random.key(3))
-        return state.params, metrics
+    run = _round_runner(seed=11, K=10, N=6, d=5, epochs=1, cohort=6, key=3)
 
     plain, _ = run(Faults())
     fine, m = run(Faults(compressor=compression.rotated_quantization(16)))
