@@ -60,6 +60,12 @@ def test_method_raw_drops_keys_of_other_methods():
     assert got["algorithm"] == {"name": "fedavg"}
     assert got["aggregator"] == {"name": "median"}
     assert method_raw(raw, "fedprox", None)["algorithm"]["mu"] == 0.1
+    dp = {"aggregator": {"name": "dp_gaussian", "clip_norm": 0.5},
+          "privacy": {"accountant": "pld"}}
+    assert "privacy" not in method_raw(dp, "fedavg", "mean")
+    assert method_raw(dp, "fedavg", "dp_ftrl")["privacy"] == {"accountant": "pld"}
+    assert method_raw(dp, "fedavg", "dp_ftrl")["aggregator"] == {"name": "dp_ftrl",
+                                                                 "clip_norm": 0.5}
 
 
 def test_plan_validates_everything_before_running():

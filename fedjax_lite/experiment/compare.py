@@ -41,6 +41,8 @@ def method_raw(raw: dict, algorithm: str, aggregator: str | None) -> dict:
             if aggregator not in owners:
                 agg.pop(key, None)
         raw["aggregator"] = agg
+        if aggregator not in cfg.DP_AGGREGATORS:     # the privacy section is theirs alone
+            raw.pop("privacy", None)
     return raw
 
 
