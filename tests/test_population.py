@@ -394,3 +394,21 @@ def test_load_npz_errors_name_the_path(tmp_path):
              client=np.zeros(1, np.int32))
     with pytest.raises(ValueError, match=r"pickled\.npz"):
         load_npz(str(pickled))
+
+
+def test_split_clients_decides_each_client_by_its_own_id():
+    """Holding out whole clients: disjoint, covering, about the right fraction, and a
+    client's side does not depend on the other clients (adding or removing clients moves
+    nobody) -- what a user-level DP run needs."""
+    from fedjax_lite.data import split_clients
+    xs = [np.full((k % 3 + 1, 2), k, np.float32) for k in range(400)]
+    ys = [np.zeros(k % 3 + 1, np.int64) for k in range(400)]
+    pop = from_ragged(xs, ys)
+    train, test = split_clients(pop, 0.25, seed=3)
+    ids_tr, ids_te = set(train.client_ids.tolist()), set(test.client_ids.tolist())
+    assert not ids_tr & ids_te and ids_tr | ids_te == set(range(400))
+    assert 0.18 < len(ids_te) / 400 < 0.32
+    smaller = pop.gather(np.arange(0, 400, 2))          # half the clients gone
+    _, test2 = split_clients(smaller, 0.25, seed=3)
+    assert set(test2.client_ids.tolist()) == {i for i in ids_te if i % 2 == 0}
+    assert set(split_clients(pop, 0.25, seed=4)[1].client_ids.tolist()) != ids_te

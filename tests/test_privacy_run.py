@@ -48,6 +48,8 @@ def test_poisson_dp_run_reports_dp_accounting_epsilon_and_no_client_data(tmp_pat
     assert (p["sampling"], p["neighboring"], p["accountant"]) == ("poisson", "add_remove", "rdp")
     assert p["sampling_probability"] == pytest.approx(7 / K)
     assert summary["sampling"]["overflow_probability_per_round"] <= 1e-12
+    assert 0 <= p["delta_overflow_stop"] <= 1e-4 / 10
+    assert "num_train_examples" not in summary and p["secure_mode"] is False
     # nothing computed from client data outside the mechanism
     for r in rows:
         assert r["train_loss"] is None
@@ -158,9 +160,10 @@ def test_dp_ftrl_with_epoch_sampling_is_tree_aggregation_per_epoch(tmp_path):
 def test_poisson_overflow_stops_the_run_cleanly(tmp_path, capsys):
     """A static bound at the expected cohort size (7 of 30, q = 7/30) is exceeded within a
     few rounds: the run stops with exit 2 and one line giving the per-round probability,
-    after checkpointing the last good state; the round is never used."""
-    raw = dp_raw()
-    raw["algorithm"]["max_cohort_size"] = 7
+    after checkpointing the last good state; the round is never used. A DP run refuses such
+    a bound before anything is written (its stop would add more than delta / 10)."""
+    raw = {**SMALL, "algorithm": {**SMALL["algorithm"], "sampling": "poisson",
+                                  "max_cohort_size": 7}}
     out = tmp_path / "over"
     assert main(["run", write_config(tmp_path, raw, "over.yaml"), "--out", str(out),
                  "--no-progress"]) == 2
@@ -168,6 +171,12 @@ def test_poisson_overflow_stops_the_run_cleanly(tmp_path, capsys):
     assert "Poisson sampling drew more than the static cohort bound of 7" in err
     assert "probability" in err and "Traceback" not in err
     assert (out / "checkpoints").exists()
+    dp = dp_raw()
+    dp["algorithm"]["max_cohort_size"] = 7
+    assert main(["run", write_config(tmp_path, dp, "dpover.yaml"), "--out",
+                 str(tmp_path / "dpover"), "--no-progress"]) == 2
+    assert "would add more than delta / 10" in capsys.readouterr().err
+    assert not (tmp_path / "dpover" / "config.yaml").exists()
 
 
 def test_expected_reporting_denominator_under_dropout(tmp_path):
@@ -220,3 +229,43 @@ def test_dp_secure_mean_run_with_dropouts(tmp_path):
     assert rows[-1]["secagg_bytes_per_client"] == pytest.approx((12 + 3) * 6 / 8)
     assert "secagg_aborted" not in rows[-1] and "num_reporting" not in rows[-1]
     assert rows[-1]["eval_accuracy"] > 0.5
+
+
+def test_secure_mode_draws_the_noise_from_the_os_and_resumes(tmp_path):
+    """Two secure-mode runs of one config differ (the seed no longer determines the
+    noise); the key is stored only beside the checkpoints; --resume continues the run."""
+    raw = dp_raw(secure_mode=True)
+    raw["checkpoint_every"] = 3
+    a, sa = _run(tmp_path, raw, "sa")
+    b, _ = _run(tmp_path, raw, "sb")
+    assert a[-1]["eval_loss"] != b[-1]["eval_loss"]
+    assert sa["privacy"]["secure_mode"] is True
+    key = tmp_path / "sa" / "checkpoints" / "secret_key.npy"
+    assert key.exists() and (key.stat().st_mode & 0o077) == 0
+    path = write_config(tmp_path, raw, "sa.yaml")
+    assert main(["run", path, "--out", str(tmp_path / "sa"), "--resume",
+                 "--no-progress"]) == 0
+
+
+def test_dp_rows_carry_no_timing_and_eval_clients_are_held_out(tmp_path):
+    rows, summary = _run(tmp_path, dp_raw(), "t")
+    for r in rows:
+        assert r["round_s"] is None and r["clients_per_s"] is None
+    # data.test_split auto = whole clients held out in a DP run: fewer training clients
+    assert summary["num_clients"] < 30
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"aggregator": {"name": "dp_gaussian", "target_quantile": 0.5},
+      "privacy": {"neighboring": "zero_out"}}, "adaptive clipping is accounted"),
+    ({"data": {**SMALL["data"], "test_split": "examples"}}, "'data.test_split': examples"),
+    ({"aggregator": {"name": "dp_secure_mean", "min_survivors": 1}},
+     "'aggregator.min_survivors': 1"),
+])
+def test_more_refusals(tmp_path, capsys, change, message):
+    raw = dp_raw("fixed") if "dp_secure_mean" in str(change) else dp_raw()
+    for k, v in change.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    assert main(["run", write_config(tmp_path, raw), "--out", str(tmp_path / "x"),
+                 "--no-progress"]) == 2
+    assert message in capsys.readouterr().err

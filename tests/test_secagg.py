@@ -157,7 +157,8 @@ def _sum(C, k, min_survivors=1, r=20):
 def test_masks_cancel_exactly_under_dropouts(C, k):
     """The server's result is bit for bit the int64 sum of the survivors' encodings mod
     2^r, for several dropout patterns, including a survivor whose neighbours all dropped
-    (all pairs: the lone survivor); the uploads alone do not sum to it."""
+    (all pairs: the lone survivor; SecAgg+: the round must abort, as the survivor's
+    self-mask cannot be rebuilt); the uploads alone do not sum to it."""
     r, key = 20, jax.random.key(7)
     rng = np.random.default_rng(C)
     enc = rng.integers(0, 2 ** (r - 4), (C, 33)).astype(np.uint32)
@@ -170,6 +171,13 @@ def test_masks_cancel_exactly_under_dropouts(C, k):
     for rep in patterns:
         out = run(jnp.asarray(enc), jnp.asarray(rep), key)
         want = enc[rep].astype(np.int64).sum(0) % 2 ** r
+        # SecAgg+: the server must rebuild the secrets of every survivor and of every
+        # dropped client with a surviving neighbour from a majority of its neighbours
+        alive = np.array([sum(rep[j] for j in graph[i]) for i in range(C)])
+        starved = (rep | (alive > 0)) & (alive < (k or 0) // 2 + 1)
+        if k is not None and starved.any():
+            assert bool(out.aborted) and np.all(np.asarray(out.total) == 0)
+            continue
         np.testing.assert_array_equal(np.asarray(out.total), want)
         assert not bool(out.aborted)
         uploads = np.asarray(out.uploads)
@@ -238,8 +246,8 @@ def test_lone_survivor_aborts_with_the_default_threshold():
     assert not bool(out.aborted) and np.all(np.asarray(out.total) == 9)
 
 
-@pytest.mark.parametrize("k", [None, 4])
-def test_secure_mean_matches_float64_clipped_mean(k):
+@pytest.mark.parametrize("k", [None, 6])    # k = 6: two dropouts leave every
+def test_secure_mean_matches_float64_clipped_mean(k):   # neighbourhood its majority of 4
     C, D, bits, c = 9, 20, 16, 0.8
     deltas = _cohort(C, D, seed=4)
     deltas["a"] = deltas["a"].at[3, 0].set(jnp.nan).at[3, 1].set(jnp.inf)

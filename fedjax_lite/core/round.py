@@ -190,7 +190,10 @@ def poisson_cohort(key: jax.Array, num_clients: int, rate: float,
     ascending order, padded to the static ``bound`` with row 0 / mask False. When
     ``count > bound`` the cohort is truncated -- the caller must treat that round as
     failed (``sampling_overflow`` metric), never use it."""
-    joins = jax.random.uniform(key, (num_clients,)) < rate
+    # 32-bit integers against floor(rate * 2^32): the realized rate is within 2^-32 below
+    # ``rate`` (a float32 uniform would round it UP to a multiple of 2^-23)
+    threshold = min(int(rate * 2.0 ** 32), 2 ** 32 - 1)
+    joins = jax.random.bits(key, (num_clients,), jnp.uint32) < jnp.uint32(threshold)
     count = jnp.sum(joins, dtype=jnp.int32)
     index = jnp.nonzero(joins, size=bound, fill_value=0)[0].astype(jnp.int32)
     return index, jnp.arange(bound) < count, count

@@ -3,8 +3,9 @@
 from fedjax_lite.data.npz import load_npz
 from fedjax_lite.data.population import (Population, check_cohort_size, choose_attackers,
                                          flip_labels, from_flat, from_ragged, sample_cohort,
-                                         split_examples)
+                                         split_clients, split_examples)
 from fedjax_lite.data.synthetic import fedprox_synthetic, synthetic_logistic
 
-__all__ = ["Population", "check_cohort_size", "choose_attackers", "flip_labels", "fedprox_synthetic", "from_flat", "from_ragged",
-           "load_npz", "sample_cohort", "split_examples", "synthetic_logistic"]
+__all__ = ["Population", "check_cohort_size", "choose_attackers", "flip_labels",
+           "fedprox_synthetic", "from_flat", "from_ragged", "load_npz", "sample_cohort",
+           "split_clients", "split_examples", "synthetic_logistic"]

@@ -181,6 +181,32 @@ def split_examples(pop: Population, test_fraction: float,
             from_ragged(xs_te, ys_te, client_ids=pop.client_ids, allow_empty=True))
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on uint64 (a bijective, well-mixed hash)."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)).astype(np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def split_clients(pop: Population, test_fraction: float,
+                  seed: int) -> tuple[Population, Population]:
+    """Holds out whole clients: client k is a test client iff a hash of (seed, its id) is
+    below ``test_fraction`` -- a decision that depends on nothing but the client's own id,
+    so adding, removing or changing other clients never moves it (what a user-level DP
+    run needs: its test data is disjoint from the training population). At least one
+    client stays in training."""
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction} must be in [0, 1)")
+    ids = pop.client_ids.astype(np.uint64)
+    u = _splitmix64(_splitmix64(np.full(ids.shape, seed, np.uint64)) ^ ids)
+    test = (u >> np.uint64(11)).astype(np.float64) / 2.0 ** 53 < test_fraction
+    if test.all():
+        test[np.argmax(u)] = False
+    return pop.gather(np.flatnonzero(~test)), pop.gather(np.flatnonzero(test))
+
+
 def check_cohort_size(pop: Population, clients_per_round: int) -> None:
     if clients_per_round < 1:
         raise ValueError(f"clients_per_round={clients_per_round} must be at least 1")

@@ -23,18 +23,24 @@ def build_data(config: Config) -> tuple[fdata.Population, fdata.Population]:
     """(train, test) populations; validated (raises ValueError naming the problem)."""
     d = config.data
     split_rng = np.random.default_rng([config.seed, 1])
+
+    def split(pop):
+        if test_split(config) == "clients":
+            return fdata.split_clients(pop, d.test_fraction, config.seed)
+        return fdata.split_examples(pop, d.test_fraction, split_rng)
+
     if isinstance(d, SyntheticLogisticData):
         pop = fdata.synthetic_logistic(
             num_clients=d.num_clients, num_features=d.num_features,
             mean_examples=d.mean_examples, size_sigma=d.size_sigma,
             min_examples=d.min_examples, feature_shift=d.feature_shift,
             label_noise=d.label_noise, seed=config.seed)
-        train, test = fdata.split_examples(pop, d.test_fraction, split_rng)
+        train, test = split(pop)
     elif isinstance(d, FedProxSyntheticData):
         pop = fdata.fedprox_synthetic(alpha=d.alpha, beta=d.beta, iid=d.iid,
                                       num_clients=d.num_clients, num_features=d.num_features,
                                       num_classes=d.num_classes, seed=config.seed)
-        train, test = fdata.split_examples(pop, d.test_fraction, split_rng)
+        train, test = split(pop)
     elif isinstance(d, NpzData):
         k = config.num_classes
         if d.test_path:
@@ -45,12 +51,20 @@ def build_data(config: Config) -> tuple[fdata.Population, fdata.Population]:
                 raise ValueError(f"{d.test_path}: feature shape {test.feature_shape} differs "
                                  f"from {d.path}'s {train.feature_shape}")
         else:
-            train, test = fdata.split_examples(fdata.load_npz(d.path, num_classes=k),
-                                               d.test_fraction, split_rng)
+            train, test = split(fdata.load_npz(d.path, num_classes=k))
     else:  # pragma: no cover -- config validation rules this out
         raise TypeError(type(d))
     fdata.check_cohort_size(train, config.algorithm.clients_per_round)
     return train, test
+
+
+def test_split(config: Config) -> str:
+    """``data.test_split`` resolved: ``auto`` holds out whole clients in DP runs (the
+    guarantee is over the training population: its examples must not be evaluated)."""
+    chosen = config.data.test_split
+    if chosen == "auto":
+        return "clients" if config.is_private else "examples"
+    return chosen
 
 
 def build_model(config: Config, feature_shape: tuple[int, ...]) -> Model:

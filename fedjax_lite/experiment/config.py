@@ -256,6 +256,9 @@ def parse(raw: dict) -> Config:
         raise ConfigError(f"config key 'algorithm.weighting': aggregator {agg.name} weights "
                           "every client equally (bounded sensitivity / only the sum is "
                           "revealed); set algorithm.weighting: uniform")
+    if agg.name in ("secure_mean", "dp_secure_mean") and agg.min_survivors == 1:
+        raise ConfigError("config key 'aggregator.min_survivors': 1 lets the server read a "
+                          "lone survivor's update; use at least 2")
     if config.is_private:
         _check_private(config, raw)
     elif "privacy" in raw:
@@ -310,6 +313,12 @@ def _check_private(config: Config, raw: dict) -> None:
         raise ConfigError(f"config key 'algorithm.name': {algo.name} cannot be combined with "
                           f"aggregator {agg.name}: {NOT_PRIVATE_WITH_DP[algo.name]}; use "
                           "fedavg, fedprox, fedsgd or a FedOpt variant")
+    if getattr(config.data, "test_split", None) == "examples" and not getattr(
+            config.data, "test_path", None) and not privacy.nonprivate_diagnostics:
+        raise ConfigError("config key 'data.test_split': examples evaluates every training "
+                          "client's own held-out examples, which the privacy guarantee does "
+                          "not cover; use clients (whole clients held out, the default for "
+                          "DP runs) or a separate test file")
     mechanism = "ftrl" if agg.name == "dp_ftrl" else "gaussian"
     if privacy.neighboring == "add_remove" and algo.sampling != "poisson" and (
             mechanism == "gaussian" or algo.sampling == "epochs"):
@@ -326,6 +335,13 @@ def _check_private(config: Config, raw: dict) -> None:
                           "the accounting does not cover; use sampling: fixed or epochs")
     population = max(getattr(config.data, "num_clients", 0), algo.clients_per_round + 1)
     setup = privacy_setup(config, population, noise_multiplier=1.0)
+    if agg.target_quantile is not None and setup.neighboring == "zero_out":
+        raise ConfigError("config key 'aggregator.target_quantile': adaptive clipping is "
+                          "accounted with a clipped-count sensitivity of 1/2, which holds "
+                          "under add_remove and (doubled with the sum's) replace_one, not "
+                          "under zero_out (a zeroed client's bit flips the count by 1); set "
+                          "privacy.neighboring to add_remove (poisson) or replace_one")
+
     try:
         accounting.check(setup)
     except accounting.AccountingError as e:

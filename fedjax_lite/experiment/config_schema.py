@@ -26,6 +26,12 @@ _FRACTION = _check(lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 # ----------------------------------------------------------------------------- data
 
+# How the test set is carved out when no test file is given: 'examples' = test_fraction of
+# every client's examples; 'clients' = whole clients held out (each with probability
+# test_fraction, by a hash of its id); 'auto' = clients for DP runs (their test data must
+# lie outside the training population), examples otherwise.
+TEST_SPLITS = ("auto", "examples", "clients")
+
 @dataclass(frozen=True)
 class SyntheticLogisticData:
     """Binary clients sharing one linear boundary, with feature shift and size skew."""
@@ -39,6 +45,7 @@ class SyntheticLogisticData:
     label_noise: float = field(default=0.02, metadata=_check(lambda v: 0 <= v <= 0.5,
                                                             "a number in [0, 0.5]"))
     test_fraction: float = field(default=0.2, metadata=_FRACTION)
+    test_split: Literal[TEST_SPLITS] = "auto"
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class FedProxSyntheticData:
     num_features: int = field(default=60, metadata=_POS_INT)
     num_classes: int = field(default=10, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
     test_fraction: float = field(default=0.2, metadata=_FRACTION)
+    test_split: Literal[TEST_SPLITS] = "auto"
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class NpzData:
     path: str = ""
     test_path: str | None = None
     test_fraction: float = field(default=0.2, metadata=_FRACTION)
+    test_split: Literal[TEST_SPLITS] = "auto"      # without test_path
 
 
 DataConfig = Union[SyntheticLogisticData, FedProxSyntheticData, NpzData]
@@ -202,7 +211,9 @@ class PrivacyConfig:
     replace_one, epochs and dp_ftrl otherwise: zero_out). target_epsilon: calibrate
     aggregator.noise_multiplier to it (when that is null), or refuse a config that would
     exceed it. nonprivate_diagnostics: also log round metrics computed from client data
-    outside the mechanism (train_loss, exact clipped fraction, cohort size); off by default.
+    outside the mechanism (train_loss, exact clipped fraction, cohort size, round times);
+    off by default. secure_mode: draw the randomness of sampling, training and noise from
+    the OS instead of the seed.
     """
     accountant: Literal["rdp", "pld"] = "rdp"
     neighboring: Union[Literal["add_remove", "zero_out", "replace_one"], None] = None
@@ -211,6 +222,10 @@ class PrivacyConfig:
     target_epsilon: Union[float, None] = field(default=None, metadata=_check(
         lambda v: v is None or v > 0, "a number > 0"))
     nonprivate_diagnostics: bool = False
+    # false: sampling, training and DP noise keys come from the seed (reproducible; the
+    # run folder is then a simulation record: whoever knows the seed can subtract the
+    # noise). true: they come from the OS's entropy, kept only in OUT/checkpoints
+    secure_mode: bool = False
 
 
 @dataclass(frozen=True)

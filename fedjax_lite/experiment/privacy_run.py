@@ -14,9 +14,10 @@
   it is dropped unless ``privacy.nonprivate_diagnostics: true`` (then the summary says the
   metrics file holds non-private diagnostics).
 
-Evaluation metrics (``eval_*``) are computed from the released model on the held-out test
-split: post-processing of the private release on data outside the training population the
-neighbouring relation is defined over.
+Evaluation metrics (``eval_*``) are computed from the released model on held-out test
+clients (``data.test_split: auto`` holds out whole clients in DP runs): post-processing of
+the private release on data outside the training population the neighbouring relation is
+defined over. Round times depend on client data sizes: not in a DP run's rows either.
 """
 
 from __future__ import annotations
@@ -64,6 +65,18 @@ class Ledger:
                  target_epsilon: float | None = None):
         self.setup, self.delta, self.target = setup, delta, target_epsilon
         self._cache: dict[int, float] = {}
+        self.overflow_p = 0.0      # per-round probability of a Poisson overflow stop
+
+    def overflow_tail(self, rounds: int) -> float:
+        """The largest per-round overflow probability p whose stop adds at most delta / 10
+        to delta: the run stops (revealing an overflow) with probability <= R p under
+        either neighbour, which turns (eps, delta) into (eps, delta + (1 + e^eps) R p)."""
+        eps = self.epsilon(rounds)
+        return self.delta / (10.0 * rounds * (1.0 + math.exp(min(eps or 700.0, 700.0))))
+
+    def overflow_delta(self, rounds: int) -> float:
+        eps = self.epsilon(rounds)
+        return (1.0 + math.exp(min(eps or 700.0, 700.0))) * rounds * self.overflow_p
 
     def epsilon(self, rounds: int) -> float | None:
         """None when there is no guarantee (no noise) after >= 1 round."""
@@ -82,6 +95,8 @@ class Ledger:
     def summary(self, config: cfg.Config, rounds: int) -> dict:
         s = self.setup
         return {"epsilon": self.epsilon(rounds), "delta": self.delta,
+                # what a Poisson overflow stop could add to delta (<= delta / 10)
+                "delta_overflow_stop": self.overflow_delta(rounds),
                 "target_epsilon": self.target, "noise_multiplier": s.noise_multiplier,
                 "clip_norm": config.aggregator.clip_norm,
                 "adaptive_clipping": config.aggregator.target_quantile is not None,
@@ -91,6 +106,13 @@ class Ledger:
                 "neighboring": s.neighboring, "accountant": s.accountant,
                 "restart_every": s.restart_every if s.mechanism == "ftrl" else None,
                 "assumes": accounting.describe(s),
+                "secure_mode": config.privacy.secure_mode,
+                "threat_model": (
+                    "the adversary sees the released models (every round's noised "
+                    "aggregate), not the simulator's randomness"
+                    + ("" if config.privacy.secure_mode else
+                       "; this run drew its noise from the config's seed, so the run "
+                       "folder is a simulation record, not a private release")),
                 "nonprivate_diagnostics_logged": config.privacy.nonprivate_diagnostics}
 
 
@@ -101,4 +123,25 @@ def private_metrics(metrics: dict, config: cfg.Config) -> dict:
     return {k: v for k, v in metrics.items() if k in PRIVATE_METRICS}
 
 
-__all__ = ["Ledger", "PRIVATE_METRICS", "private_metrics", "resolve"]
+def secret_run_key(directory: str, resume: bool):
+    """``privacy.secure_mode``: the run's key for sampling, local training and DP noise,
+    from the OS's entropy (``os.urandom``) instead of the seed. It is kept only in
+    ``directory/secret_key.npy`` (mode 0600, beside the checkpoints, which hold it too) so
+    that ``--resume`` continues the same run; nothing else written mentions it."""
+    import os
+
+    import jax
+    import numpy as np
+    path = os.path.join(directory, "secret_key.npy")
+    if resume:
+        data = np.load(path, allow_pickle=False)
+    else:
+        os.makedirs(directory, exist_ok=True)
+        data = np.frombuffer(os.urandom(8), np.uint32).copy()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, data, allow_pickle=False)
+    return jax.random.wrap_key_data(data)
+
+
+__all__ = ["Ledger", "PRIVATE_METRICS", "private_metrics", "resolve", "secret_run_key"]

@@ -87,17 +87,29 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     train = apply_label_attack(config, train)
     K, C = train.num_clients, config.algorithm.clients_per_round
     sampling_kind = config.algorithm.sampling
-    bound, overflow_p = C, 0.0
-    if sampling_kind == "poisson":
-        bound, overflow_p = poisson_bound(K, C / K)
-        bound = config.algorithm.max_cohort_size or bound
-        overflow_p = poisson_bound_tail(K, C / K, bound)
-    check_static_cohort(config, bound)
     ledger, setup = None, None
     if config.is_private:
         _, setup = privacy_run.resolve(config, K)
         ledger = privacy_run.Ledger(setup, config.privacy.delta,
                                     config.privacy.target_epsilon)
+    bound, overflow_p = C, 0.0
+    if sampling_kind == "poisson":
+        # a DP run's overflow stop costs at most (1 + e^eps) R p of delta (p per round):
+        # keep that below delta / 10
+        tail = 1e-12 if ledger is None else min(1e-12, ledger.overflow_tail(config.rounds))
+        bound, overflow_p = poisson_bound(K, C / K, tail)
+        if config.algorithm.max_cohort_size:
+            bound = config.algorithm.max_cohort_size
+            overflow_p = poisson_bound_tail(K, C / K, bound)
+            if ledger is not None and overflow_p > ledger.overflow_tail(config.rounds):
+                raise cfg.ConfigError(
+                    f"config key 'algorithm.max_cohort_size': {bound} is exceeded with "
+                    f"probability {overflow_p:.2g} per round, which would add more than "
+                    f"delta / 10 to delta; use at least {poisson_bound(K, C / K, tail)[0]} "
+                    "or leave it null")
+        if ledger is not None:
+            ledger.overflow_p = overflow_p
+    check_static_cohort(config, bound)
     model = build_model(config, train.feature_shape)
     engine = engine_options(config.engine, train.n)
     try:
@@ -108,6 +120,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         yaml.safe_dump(resolved, f, sort_keys=False)
 
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
+    if config.is_private and config.privacy.secure_mode:
+        run_key = privacy_run.secret_run_key(ckpt.directory, resume)
     sampling = Sampling(sampling_kind, bound if sampling_kind == "poisson" else None,
                         run_key if sampling_kind == "epochs" else None)
     state = algorithm.init(model.init(init_key))
@@ -151,13 +165,12 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         ev = {k: float(v) for k, v in evaluate(st.params, test_data).items()}
         if not math.isfinite(ev["eval_loss"]):
             raise DivergenceError(f"non-finite eval loss at round {round_num}")
+        timed = window["rounds"] and show_loss   # round times depend on client data sizes
         row = {"round": round_num,
-               "train_loss": (window["loss"] / window["rounds"])
-               if window["rounds"] and show_loss else None,
+               "train_loss": (window["loss"] / window["rounds"]) if timed else None,
                **ev, "wall_s": wall(),
-               "clients_per_s": (C * window["rounds"] / window["time"]) if window["rounds"]
-               else None,
-               "round_s": (window["time"] / window["rounds"]) if window["rounds"] else None}
+               "clients_per_s": (C * window["rounds"] / window["time"]) if timed else None,
+               "round_s": (window["time"] / window["rounds"]) if timed else None}
         # other round metrics (attackers in cohort, reporting clients, ...): window means,
         # except counts of events, which are totals
         for k, v in sorted(window["extra"].items()):
@@ -213,7 +226,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                     metrics["reporting_clients"]) == 0:
                 extra["rounds_without_reports"] = extra.get("rounds_without_reports", 0) + 1
                 bar.write(f"round {done}: no sampled client reported; model unchanged")
-            window = {"loss": window["loss"] + loss, "rounds": window["rounds"] + 1,
+            window = {"loss": window["loss"] + (loss if show_loss else 0.0),
+                      "rounds": window["rounds"] + 1,
                       "time": window["time"] + dt, "extra": extra}
             total = {"rounds": total["rounds"] + 1, "time": total["time"] + dt}
             if done % config.eval_every == 0 or done == config.rounds:
@@ -221,8 +235,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                 window = dict(empty_window)
                 shown = ({"loss": f"{loss:.4f}"} if show_loss
                          else {"eps": f"{last_row.get('epsilon') or float('inf'):.3g}"})
+                if show_loss:
+                    shown["cps"] = f"{C / dt:,.0f}"
                 bar.set_postfix(**shown, acc=f"{last_row['eval_accuracy']:.4f}",
-                                cps=f"{C / dt:,.0f}", refresh=False)
+                                refresh=False)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
                 save(done, state, window)
                 last_saved = done
@@ -245,8 +261,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         "seed": config.seed,
         "clients_per_round": C,
         "num_clients": train.num_clients,
-        "num_train_examples": train.num_examples,
-        "num_test_examples": test.num_examples,
+        # example counts are facts about client data: not in a DP run's summary
+        **({"num_train_examples": train.num_examples,
+            "num_test_examples": test.num_examples} if show_loss else {}),
         "resumed_from_round": start if resume else None,
         "sampling": {"kind": sampling_kind, "static_cohort_size": bound,
                      "overflow_probability_per_round": overflow_p},

@@ -20,6 +20,11 @@ What is accounted, written down before any epsilon is printed:
   ============  ======================================================  ===========
 
   With replace_one the event's Gaussian gets the noise multiplier z / 2 (sensitivity 2S).
+  Under add_remove the population size K (hence q = C / K) is treated as public, the
+  convention of Abadi et al. (CCS 2016) and McMahan et al. (ICLR 2018); zero_out keeps K
+  fixed by definition and gives the same epsilon for Poisson sampling.
+* Threat model: the adversary sees the released aggregates, not the simulator's
+  randomness (see ``privacy.secure_mode``).
 
 * Sampling actually performed by the engine (``algorithm.sampling``) and the dp-accounting
   event that describes it:

@@ -37,8 +37,10 @@ have exactly the distribution they have in the protocol: each is uniform mod R.
 Not simulated: the cryptography. Pair seeds are derived from the round key with
 ``fold_in(min(i, j), max(i, j))`` in place of Diffie-Hellman key agreement; shares are
 not encrypted and Shamir sharing is not run: whenever |U| >= ``min_survivors`` the
-server is assumed to reconstruct what it needs (in SecAgg+ the per-neighbourhood share
-threshold is not checked). Every weight-0 slot (dropout or padding) counts as a client
+server is assumed to reconstruct what it needs when enough holders of the shares survive:
+|U| >= ``min_survivors`` (SecAgg), and in SecAgg+ also a majority of the k neighbours of
+every survivor and of every dropped client with a surviving neighbour (else the round
+aborts). Every weight-0 slot (dropout or padding) counts as a client
 that took part in key agreement and dropped before uploading its masked input; dropouts
 during Unmasking, and the signatures and consistency round of the actively secure
 version, are out of scope. Everything derives from the round key, so this simulation
@@ -168,19 +170,21 @@ def secure_sum(encoded: jax.Array, reporting: jax.Array, key: jax.Array, *,
                                   jnp.maximum(i, j))
 
     def offset_step(carry, offset):
-        masks, orphans = carry
+        masks, orphans, alive = carry
         nbr = order[(pos + offset) % num_clients]          # each slot's neighbour j
+        alive = alive + reporting[nbr].astype(jnp.int32)   # surviving neighbours
         stream = expand(jax.vmap(pair_seed)(slots, nbr))   # PRG(s_ij), [C, D]
         term = jnp.where((nbr > slots)[:, None], stream, jnp.uint32(0) - stream)
         # masks[i]: what client i adds to its upload. orphans[d]: d's own terms towards
         # surviving neighbours; if d dropped, the server regenerates these from d's
         # reconstructed key: each is minus the term the neighbour added for d.
         orphans = orphans + jnp.where(reporting[nbr][:, None], term, jnp.uint32(0))
-        return (masks + term, orphans), None
+        return (masks + term, orphans, alive), None
 
     zeros = jnp.zeros((num_clients, dim), jnp.uint32)
-    (pair_masks, orphans), _ = jax.lax.scan(offset_step, (zeros, zeros),
-                                            jnp.asarray(offsets, jnp.int32))
+    (pair_masks, orphans, alive), _ = jax.lax.scan(
+        offset_step, (zeros, zeros, jnp.zeros(num_clients, jnp.int32)),
+        jnp.asarray(offsets, jnp.int32))
     self_masks = expand(jax.vmap(jax.random.fold_in, (None, 0))(
         jax.random.fold_in(key, SECAGG_SELF_STREAM), slots))
     uploads = jnp.where(reporting[:, None], (encoded + self_masks + pair_masks) & wrap,
@@ -189,6 +193,14 @@ def secure_sum(encoded: jax.Array, reporting: jax.Array, key: jax.Array, *,
     # Server. Sums mod 2^32 wrap, and 2^r divides 2^32: reducing at the end is exact.
     count = jnp.sum(reporting.astype(jnp.int32))
     aborted = count < min_survivors
+    if neighbors is not None:
+        # SecAgg+: a client's secrets are shared among its k neighbours only, with
+        # threshold k // 2 + 1. The server needs b_i of every survivor and s_d of every
+        # dropped client with a surviving neighbour; if fewer than the threshold of their
+        # neighbours survive it cannot rebuild them and must abort (else a survivor whose
+        # neighbours all dropped would be unmasked by its self-mask alone).
+        needed = reporting | (alive > 0)
+        aborted = aborted | jnp.any(needed & (alive < share_threshold(neighbors)))
     masked_sum = jnp.sum(uploads, axis=0, dtype=jnp.uint32)
     self_sum = jnp.sum(jnp.where(reporting[:, None], self_masks, jnp.uint32(0)), axis=0,
                        dtype=jnp.uint32)
@@ -196,6 +208,12 @@ def secure_sum(encoded: jax.Array, reporting: jax.Array, key: jax.Array, *,
                          dtype=jnp.uint32)
     total = (masked_sum - self_sum + orphan_sum) & wrap
     return SecureSum(uploads, jnp.where(aborted, jnp.uint32(0), total), aborted)
+
+
+def share_threshold(neighbors: int) -> int:
+    """SecAgg+'s per-neighbourhood Shamir threshold: a majority of a client's k
+    neighbours."""
+    return int(neighbors) // 2 + 1
 
 
 def protocol_bytes_per_client(num_clients: int, num_reporting, dim: int, bits: int,
