@@ -53,8 +53,11 @@ def local_train_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, params:
                       x: jax.Array, y: jax.Array, n: jax.Array, orders: jax.Array, *,
                       local_epochs: int, batch_size: int,
                       num_epochs: jax.Array | None = None, extra: tuple = (),
-                      unroll: int = 4) -> tuple[Params, LocalStats]:
-    """Local training of K clients, all starting from ``params``.
+                      unroll: int = 4, per_client_params: bool = False
+                      ) -> tuple[Params, LocalStats]:
+    """Local training of K clients, all starting from ``params`` (or, with
+    ``per_client_params``, each from its own row of ``params``: leading axis K -- e.g. a
+    recommender's client starts from its private user factors and its items' rows).
 
     Args:
       loss_fn: see :data:`LossFn`.
@@ -122,7 +125,8 @@ def local_train_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, params:
                                           carry, epoch_batches)
         return (p, opt_state, stats, e + 1), None
 
-    p0 = jax.tree.map(lambda a: jnp.broadcast_to(a, (K,) + a.shape), params)
+    p0 = params if per_client_params else jax.tree.map(
+        lambda a: jnp.broadcast_to(a, (K,) + a.shape), params)
     zeros = jnp.zeros_like(n)    # derived from n, so it is device-varying under shard_map
     stats0 = LocalStats(zeros.astype(jnp.float32), zeros.astype(jnp.float32), zeros)
     carry = (p0, jax.vmap(tx.init)(p0), stats0, jnp.zeros((), jnp.int32))
