@@ -134,3 +134,35 @@ def test_fcf_approaches_the_noise_floor_on_low_rank_data():
     rmse = float(evaluate(state, test)["eval_rmse"])
     assert rmse < 0.4 * mean_rmse, (rmse, mean_rmse)
     assert float(evaluate(state, train)["eval_rmse"]) < 0.2
+
+
+def test_dp_sparse_gaussian_clips_whole_users_and_noises_every_row():
+    from fedjax_lite.privacy.sparse_dp import dp_sparse_gaussian
+    rng = np.random.default_rng(3)
+    C, N, num_items, S = 5, 4, 9, 0.5
+    index = np.stack([rng.choice(num_items, N, replace=False) for _ in range(C)])
+    mask = np.ones((C, N), bool); mask[1, 3] = False
+    rows = rng.normal(size=(C, N, 2)) * np.array([0.01, 1, 5, 0.1, 100])[:, None, None]
+    rows[1, 3] = np.nan                               # a padding slot: never read
+    mu = rng.normal(size=C)
+    update = SparseUpdate({"item": jnp.asarray(rows, jnp.float32)},
+                          jnp.asarray(index, jnp.int32), jnp.asarray(mask),
+                          {"mu": jnp.asarray(mu, jnp.float32)})
+    w = jnp.ones(C)
+    out, _, _ = dp_sparse_gaussian(num_items, S, 0.0, 4.0).apply(update, w, (),
+                                                                 jax.random.key(0))
+    want = np.zeros((num_items, 2)); want_mu = 0.0
+    for c in range(C):
+        vec = np.concatenate([np.where(mask[c][:, None], rows[c], 0).ravel(), [mu[c]]])
+        f = min(1.0, S / np.linalg.norm(vec))
+        for j in range(N):
+            if mask[c, j]:
+                want[index[c, j]] += f * rows[c, j]
+        want_mu += f * mu[c]
+    np.testing.assert_allclose(np.asarray(out["item"]), want / 4.0, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(out["mu"]), want_mu / 4.0, rtol=1e-5, atol=1e-7)
+    noisy, _, m = jax.jit(dp_sparse_gaussian(num_items, S, 2.0, 4.0).apply)(
+        update, w, (), jax.random.key(1))
+    noise = (np.asarray(noisy["item"]) - want / 4.0)
+    assert np.all(noise != 0)                         # every row, touched or not
+    assert float(m["noise_std"]) == pytest.approx(2.0 * S / 4.0)
