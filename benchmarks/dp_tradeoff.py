@@ -3,11 +3,15 @@
 
 Task: ``configs/quickstart.yaml`` (synthetic_logistic, 1000 clients, 50 per round, 100
 rounds, 5 local epochs of batch 16, client SGD 0.1, server SGD 1) with
-``algorithm.weighting: uniform``; DP runs clip every client's whole update to L2 norm
-``--clip`` (0.5), noise the sum, divide by the fixed 50, and are accounted at
-delta = ``--delta`` (1e-5) by ``fedjax_lite.privacy.accounting`` (dp-accounting). The
-number of training clients K and the sampling rate q are read from each run's
-``summary.json`` (never assumed). Every run goes through
+``algorithm.weighting: uniform`` and ``data.test_split: clients`` in EVERY run (DP runs
+must hold out whole clients for testing -- the engine's default for them -- and the
+plaintext references use the same split, so all rows share training population and
+test set). About 20% of the 1000 clients are held out, by a hash of (seed, client id):
+the number of training clients K, hence q = 50 / K and epsilon, differ slightly between
+seeds; they are read from each run's ``summary.json`` (never assumed) and reported per
+seed. DP runs clip every client's whole update to L2 norm ``--clip`` (0.5), noise the
+sum, divide by the fixed 50, and are accounted at delta = ``--delta`` (1e-5) by
+``fedjax_lite.privacy.accounting`` (dp-accounting). Every run goes through
 ``fedjax_lite.experiment.runner.run`` (what ``fedjax-lite run`` does) in a temporary
 directory, once per seed (``--seeds``, default 3; a seed regenerates data, init and
 cohorts). Comparisons:
@@ -17,17 +21,19 @@ cohorts). Comparisons:
    sensitivity 2S, RDP of sampling without replacement) at the same noise multipliers
    ``--noise``;
 2. accountant: the PLD epsilon of the same Poisson configs, computed with
-   ``fedjax_lite.privacy.accounting.epsilon(..., accountant="pld")`` from the setup the
-   run reports (epsilon depends only on the config, not on the seed, so nothing is rerun);
+   ``fedjax_lite.privacy.accounting.epsilon(..., accountant="pld")`` from the setup each
+   run reports (epsilon depends only on the config and K, not on the training
+   randomness, so nothing is rerun);
 3. clipping: fixed clip norms 0.1 / 0.5 / 2.0 vs adaptive clipping (Andrew et al. 2021,
    ``aggregator.target_quantile`` 0.5, default clip learning rate and count noise)
    started at 0.1 and 2.0, all Poisson at z = ``--adaptive-z``;
 4. DP-FedAvg (Poisson) vs DP-FTRL (``aggregator.name: dp_ftrl``, ``sampling: epochs``:
-   every client once per epoch of 20 rounds, a fresh tree every epoch; zero-out
-   neighbours, no amplification claimed) with server SGD, and DP-FTRLM (server momentum
-   0.9, learning rate ``--ftrlm-lr`` = 0.1: the same effective step lr / (1 - 0.9) = 1 as
-   the others) at matched epsilon: ``privacy.target_epsilon`` in ``--targets``
-   with ``aggregator.noise_multiplier: null`` calibrates z for each;
+   every client once per epoch of ceil(K / 50) rounds, a fresh tree every epoch;
+   zero-out neighbours, no amplification claimed) with server SGD, and DP-FTRLM (server
+   momentum 0.9, learning rate ``--ftrlm-lr`` = 0.1: the same effective step
+   lr / (1 - 0.9) = 1 as the others, not tuned) at matched epsilon:
+   ``privacy.target_epsilon`` in ``--targets`` with ``aggregator.noise_multiplier: null``
+   calibrates z for each;
 5. references: plaintext FedAvg (uniform weighting, no clipping; quickstart's fixed
    cohorts and Poisson sampling) and "clipping only, z = 0" (no privacy guarantee);
 6. round throughput: plain FedAvg's compiled round vs DP-FedAvg's on the same task,
@@ -40,6 +46,7 @@ The runs go to ``--jobs`` worker processes (default 2); the throughput part runs
 after them, in the main process.
 
     python benchmarks/dp_tradeoff.py                      # writes results/dp_tradeoff.{json,md,png}
+    python benchmarks/dp_tradeoff.py --render-only        # rebuild .md/.png from the .json
     python benchmarks/dp_tradeoff.py --seeds 1 --rounds 10 --noise 1 --targets 8 \
         --repeats 5 --out /tmp/dp_smoke                   # smoke test
 """
@@ -74,7 +81,8 @@ def _fmt(v: float) -> str:
 
 def settings(args) -> list[dict]:
     """Every configuration the benchmark runs (duplicates merged by overrides)."""
-    base = ["algorithm.weighting=uniform", "checkpoint_every=0", f"rounds={args.rounds}"]
+    base = ["algorithm.weighting=uniform", "data.test_split=clients", "checkpoint_every=0",
+            f"rounds={args.rounds}"]
     dp = ["aggregator.name=dp_gaussian", f"privacy.delta={args.delta}",
           "privacy.accountant=rdp"]
     out = []
@@ -150,9 +158,24 @@ def settings(args) -> list[dict]:
 
 # ------------------------------------------------------------------------- one run
 
-def _worker_init() -> None:
+def _import_engine() -> None:
+    """Imports the engine now (the code the benchmark measures is the code on disk when
+    it starts, even if the working tree changes while it runs)."""
     from fedjax_lite.experiment.host import configure_host
     configure_host()                      # every core a JAX device, as the CLI does
+    import fedjax_lite.algorithms  # noqa: F401
+    import fedjax_lite.core  # noqa: F401
+    import fedjax_lite.experiment.builders  # noqa: F401
+    import fedjax_lite.experiment.outputs  # noqa: F401
+    import fedjax_lite.experiment.runner  # noqa: F401
+    import fedjax_lite.models  # noqa: F401
+    import fedjax_lite.privacy.accounting  # noqa: F401
+    import fedjax_lite.privacy.ftrl  # noqa: F401
+    import fedjax_lite.privacy.gaussian  # noqa: F401
+
+
+def _worker_init() -> None:
+    _import_engine()
 
 
 def run_one(overrides: list[str], seed: int) -> dict:
@@ -178,7 +201,8 @@ def run_one(overrides: list[str], seed: int) -> dict:
             "num_clients": summary["num_clients"],
             "clients_per_round": summary["clients_per_round"],
             "sampling": summary["sampling"], "privacy": summary.get("privacy"),
-            "clients_per_s": summary["clients_per_s"], "compile_s": summary["compile_s"],
+            "clients_per_s": summary.get("clients_per_s"),
+            "compile_s": summary.get("compile_s"),
             "run_s": elapsed,
             "clip_norm_curve": [[r["round"], r["clip_norm"]] for r in rows
                                 if r.get("clip_norm") is not None]}
@@ -217,10 +241,13 @@ def other_epsilons(priv: dict, rounds: int) -> dict:
 
 # ---------------------------------------------------------------------- throughput
 
-def measure_throughput(args) -> dict:
-    """Plain FedAvg's round vs DP rounds on the quickstart task (seed 0 data), compiled
-    like the runner does (engine options from the config, population on the devices),
-    alternated round by round in this process."""
+def measure_throughput(args, poisson_slots: int | None) -> dict:
+    """Plain FedAvg's round vs DP rounds on the quickstart task (seed 0 data, whole test
+    clients held out as in the runs), compiled like the runner does (engine options from
+    the config, population on the devices), alternated round by round in this process.
+    ``poisson_slots``: the static Poisson cohort of the seed-0 DP run at z = 1 (a DP run
+    sizes it so that an overflow stop costs <= delta / 10); None: ``poisson_bound``'s
+    default (tail 1e-12)."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
@@ -232,7 +259,8 @@ def measure_throughput(args) -> dict:
     from fedjax_lite.privacy.ftrl import dp_ftrl
     from fedjax_lite.privacy.gaussian import dp_gaussian
 
-    config = cfg.load(str(BASE_CONFIG), ["algorithm.weighting=uniform", "seed=0"])
+    config = cfg.load(str(BASE_CONFIG), ["algorithm.weighting=uniform", "seed=0",
+                                         "data.test_split=clients"])
     a = config.algorithm
     train, _ = build_data(config)
     K, C = train.num_clients, a.clients_per_round
@@ -242,7 +270,7 @@ def measure_throughput(args) -> dict:
     population = jax.device_put(train.arrays(), where)
     model = logistic_regression(int(np.prod(train.feature_shape)))
     init_key, run_key = jax.random.split(jax.random.key(0))
-    bound, _ = poisson_bound(K, C / K)
+    bound = poisson_slots or poisson_bound(K, C / K)[0]
     z = 1.0
 
     def algorithm(aggregator=None):
@@ -257,10 +285,10 @@ def measure_throughput(args) -> dict:
         "dpfedavg_fixed": (f"DP-FedAvg (dp_gaussian, clip {_fmt(args.clip)}, z = 1), "
                            "fixed cohort of 50", algorithm(dp_gaussian(args.clip, z, C)),
                            Sampling()),
-        "fedavg_poisson": (f"plain FedAvg, Poisson q = {C / K:g} ({bound} slots)",
+        "fedavg_poisson": (f"plain FedAvg, Poisson q = {C}/{K} ({bound} slots)",
                            algorithm(), Sampling("poisson", bound)),
         "dpfedavg_poisson": (f"DP-FedAvg (dp_gaussian, clip {_fmt(args.clip)}, z = 1), "
-                             f"Poisson q = {C / K:g} ({bound} slots): the runs' DP round",
+                             f"Poisson q = {C}/{K} ({bound} slots): the runs' DP round",
                              algorithm(dp_gaussian(args.clip, z, C)),
                              Sampling("poisson", bound)),
         "dpftrl_epochs": (f"DP-FTRL (dp_ftrl, clip {_fmt(args.clip)}, z = 1, tree of "
@@ -334,37 +362,65 @@ def _eps(v):
     return f"{v:.2f}"
 
 
+def _ps(r: dict, field: str, digits: int = 2) -> str:
+    """A row's per-seed value: the mean, and the seeds' values when they differ at the
+    shown precision (K, hence q and epsilon, depends on the seed)."""
+    vals = r.get(f"{field}_per_seed")
+    if vals is None:
+        return _eps(r.get(field)) if digits == 2 else str(r.get(field, "-"))
+    if any(isinstance(v, str) for v in vals):
+        return "n/a"
+    if all(v is None for v in vals):
+        return "-"
+    shown = [f"{v:.{digits}f}" for v in vals]
+    mean = f"{statistics.mean(vals):.{digits}f}"
+    return mean if len(set(shown)) == 1 else f"{mean} ({' / '.join(shown)})"
+
+
 def markdown(res: dict) -> str:
     rows = {r["key"]: r for r in res["rows"]}
     s, a = res["setup"], res["args"]
-    L = [f"# DP trade-off on the quickstart task",
+    src0, src1 = res["source_at_start"], res["source_at_end"]
+    changed = (f" (the working tree changed during the run, to {src1['git_commit'][:7]}"
+               f"{' + modifications' if src1['fedjax_lite_dirty'] else ''}; the engine was "
+               "imported at the start)" if res["source_changed_during_run"] else "")
+    Ks = s.get("num_clients_per_seed", [])
+    qs = s.get("sampling_probability_per_seed", [])
+    C = s.get("clients_per_round")
+    L = ["# DP trade-off on the quickstart task",
          "",
-         f"{s['num_clients']} training clients, {s['clients_per_round']} per round "
-         f"(Poisson q = {s['sampling_probability']:g}), {a['rounds']} rounds, delta = "
-         f"{a['delta']:g}, clip {_fmt(a['clip'])}, uniform weighting; test accuracy "
-         f"mean ± std over seeds {res['seeds']} (final round); epsilon by dp-accounting. "
+         f"Training clients K = {' / '.join(map(str, Ks))} for seeds "
+         f"{' / '.join(map(str, s.get('seeds', [])))} (whole clients held out for testing, "
+         f"`data.test_split: clients`, in every run), {C} per round: Poisson q = C / K = "
+         f"{' / '.join(f'{q:.4f}' for q in qs)}; {a['rounds']} rounds, delta = "
+         f"{a['delta']:g}, clip {_fmt(a['clip'])}, uniform weighting. Test accuracy: final "
+         f"round, mean ± std over seeds; epsilon by dp-accounting, mean over seeds with the "
+         f"seeds' values in parentheses where they differ. "
          f"Machine: {res['machine']['cpu_model']}, {res['machine']['cpu_affinity']} cores, "
          f"JAX {res['machine']['jax']} {res['machine']['backend']}; git "
-         f"{res['machine']['git_commit'][:7]}"
-         f"{' (fedjax_lite modified)' if res['machine']['fedjax_lite_dirty'] else ''}; "
-         f"{res['runtime_s'] / 60:.1f} min.", ""]
+         f"{src0['git_commit'][:7]}"
+         f"{' (fedjax_lite modified)' if src0['fedjax_lite_dirty'] else ''}{changed}; "
+         f"{res['runtime_s'] / 60:.1f} min; `{res['command'].strip()}`.", ""]
 
     def ok(k):
         return k in rows and "accuracy_mean" in rows[k]
 
     L += ["## 1-2. Poisson vs fixed-size cohorts at the same noise; RDP vs PLD", "",
           "| z | Poisson: ε RDP (add/remove) | Poisson: ε PLD | Poisson: accuracy | "
-          "fixed 50/K: ε RDP (replace-one, 2S) | fixed: accuracy |", "|---|---|---|---|---|---|"]
+          "fixed C of K: ε RDP (replace-one, 2S) | fixed: accuracy |",
+          "|---|---|---|---|---|---|"]
     for z in a["noise"]:
-        p, f = rows.get(f"dpfedavg_poisson_z{_fmt(z)}"), rows.get(f"dpfedavg_fixed_z{_fmt(z)}")
-        if not (ok(f"dpfedavg_poisson_z{_fmt(z)}") and ok(f"dpfedavg_fixed_z{_fmt(z)}")):
+        kp, kf = f"dpfedavg_poisson_z{_fmt(z)}", f"dpfedavg_fixed_z{_fmt(z)}"
+        if not (ok(kp) and ok(kf)):
             continue
-        L.append(f"| {_fmt(z)} | {_eps(p['epsilon'])} | {_eps(p.get('epsilon_pld'))} | "
-                 f"{_acc(p)} | {_eps(f['epsilon'])} | {_acc(f)} |")
+        p, f = rows[kp], rows[kf]
+        L.append(f"| {_fmt(z)} | {_ps(p, 'epsilon')} | {_ps(p, 'epsilon_pld')} | "
+                 f"{_acc(p)} | {_ps(f, 'epsilon')} | {_acc(f)} |")
     L += ["", "PLD for fixed cohorts: n/a (dp-accounting's PLD accountant does not support "
           "sampling without replacement). PLD epsilons are computed from each run's "
-          "reported setup with `fedjax_lite.privacy.accounting.epsilon(accountant='pld')`, "
-          "not rerun (epsilon depends only on the config).", ""]
+          "reported setup (z, K, C, rounds, delta) with "
+          "`fedjax_lite.privacy.accounting.epsilon(accountant='pld')`, not rerun: epsilon "
+          "depends only on the config and K, not on the training randomness.", ""]
 
     za = a["adaptive_z"]
     L += [f"## 3. Fixed vs adaptive clipping (Poisson, z = {_fmt(za)})", "",
@@ -377,7 +433,7 @@ def markdown(res: dict) -> str:
             kind = "adaptive, quantile 0.5" if r.get("adaptive") else "fixed"
             fc = r.get("final_clip_norm_mean")
             L.append(f"| {kind} | {_fmt(r['clip'])} | "
-                     f"{'-' if fc is None else f'{fc:.3f}'} | {_eps(r['epsilon'])} | "
+                     f"{'-' if fc is None else f'{fc:.3f}'} | {_ps(r, 'epsilon')} | "
                      f"{_acc(r)} |")
     L += ["", "Final clip: the clip norm averaged over the last evaluation window (rounds "
           f"{a['rounds'] - 4}-{a['rounds']}), then over seeds.", ""]
@@ -385,7 +441,7 @@ def markdown(res: dict) -> str:
     L += ["## 4. DP-FedAvg vs DP-FTRL at matched epsilon (z calibrated by "
           "`privacy.target_epsilon`)", "",
           "| target ε | DP-FedAvg Poisson: z | ε | accuracy | DP-FTRL epochs, SGD: z | ε | "
-          "accuracy | DP-FTRLM (momentum 0.9): z | ε | accuracy |",
+          f"accuracy | DP-FTRLM (lr {_fmt(a['ftrlm_lr'])}, momentum 0.9): z | ε | accuracy |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for e in a["targets"]:
         cells = [_fmt(e)]
@@ -393,17 +449,19 @@ def markdown(res: dict) -> str:
                   f"dpftrlm_eps{_fmt(e)}"):
             if ok(k):
                 r = rows[k]
-                cells += [f"{r['noise_multiplier']:.3f}", _eps(r["epsilon"]), _acc(r)]
+                cells += [_ps(r, "noise_multiplier", 3), _ps(r, "epsilon"), _acc(r)]
             else:
                 cells += ["failed", "-", "-"]
         L.append("| " + " | ".join(cells) + " |")
-    L += ["", "DP-FedAvg: add/remove neighbours, Poisson amplification; its ε under zero-out "
-          "neighbours (DP-FTRL's relation): "
-          + ", ".join(f"{_eps(rows[f'dpfedavg_poisson_eps{_fmt(e)}'].get('epsilon_rdp_zero_out'))}"
-                      for e in a["targets"] if ok(f"dpfedavg_poisson_eps{_fmt(e)}"))
-          + ". DP-FTRL: zero-out neighbours, no amplification, each client once per epoch "
-          "of "
-          f"{-(-s['num_clients'] // s['clients_per_round'])} rounds, one tree per epoch.", ""]
+    zo = [_ps(rows[f"dpfedavg_poisson_eps{_fmt(e)}"], "epsilon_rdp_zero_out")
+          for e in a["targets"] if ok(f"dpfedavg_poisson_eps{_fmt(e)}")]
+    ftrl = next((rows[f"dpftrl_eps{_fmt(e)}"] for e in a["targets"]
+                 if ok(f"dpftrl_eps{_fmt(e)}")), {})
+    L += ["", "DP-FedAvg: add/remove neighbours, Poisson amplification; the same runs' ε "
+          f"under zero-out neighbours (DP-FTRL's relation): {', '.join(zo)}. DP-FTRL: "
+          "zero-out neighbours, no amplification, each client once per epoch of "
+          f"ceil(K / C) = {' / '.join(str(v) for v in ftrl.get('restart_every_per_seed', []))}"
+          " rounds, a fresh tree every epoch.", ""]
 
     L += ["## 5. References", "", "| setting | accuracy | ε |", "|---|---|---|"]
     for k in ("plaintext_fixed", "plaintext_poisson", "clip_only_poisson"):
@@ -415,8 +473,9 @@ def markdown(res: dict) -> str:
     t = res.get("throughput")
     if t:
         L += ["## 6. Round throughput (one process, variants alternated round by round)", "",
-              f"{t['repeats']} rounds of each after {t['warmup']} warm-up rounds; "
-              f"clients/s = {t['clients_per_round']} / median round time; "
+              f"Seed-0 data (K = {t['num_clients']}); {t['repeats']} rounds of each after "
+              f"{t['warmup']} warm-up rounds, the order of the variants rotated every "
+              f"repetition; clients/s = {t['clients_per_round']} / median round time; "
               f"load average {t['loadavg_before'][0]:.1f} before, "
               f"{t['loadavg_after'][0]:.1f} after.", "",
               "| round | median ms | clients/s |", "|---|---|---|"]
@@ -430,17 +489,17 @@ def markdown(res: dict) -> str:
                      f"{v['q1']:.2f}-{v['q3']:.2f} | {'yes' if v['within_2x'] else 'NO'} |")
         L.append("")
 
-    L += ["## All runs", "", "| setting | sampling | accountant / neighbours | z | ε | "
+    L += ["## All runs", "", "| setting | K per seed | accountant / neighbours | z | ε | "
           "ε PLD | accuracy per seed | mean ± std |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if "accuracy_mean" not in r:
-            L.append(f"| {r['label']} | {r['sampling']} | FAILED: {r['errors'][0]} | | | | | |")
+            L.append(f"| {r['label']} | | FAILED: {r['errors'][0]} | | | | | |")
             continue
         acct = (f"{r['accountant']} / {r['neighboring']}" if r.get("accountant") else "-")
-        z = "-" if r.get("noise_multiplier") is None else f"{r['noise_multiplier']:.3g}"
-        eps = ("no guarantee" if r["key"].startswith("clip_only") else _eps(r.get("epsilon")))
-        L.append(f"| {r['label']} | {r['sampling']} | {acct} | {z} | {eps} | "
-                 f"{_eps(r.get('epsilon_pld'))} | "
+        z = "-" if r.get("noise_multiplier") is None else _ps(r, "noise_multiplier", 3)
+        eps = ("no guarantee" if r["key"].startswith("clip_only") else _ps(r, "epsilon"))
+        L.append(f"| {r['label']} | {' / '.join(map(str, r['num_clients_per_seed']))} | "
+                 f"{acct} | {z} | {eps} | {_ps(r, 'epsilon_pld')} | "
                  f"{' / '.join(f'{v:.4f}' for v in r['accuracy_per_seed'])} | {_acc(r)} |")
     errors = [r for r in res["rows"] if r.get("errors")]
     if errors:
@@ -459,9 +518,10 @@ def plot(res: dict, path: Path) -> None:
     rows = [r for r in res["rows"] if "accuracy_mean" in r]
     by = {r["key"]: r for r in rows}
     a = res["args"]
-    q = res["setup"]["sampling_probability"]
-    K = res["setup"]["num_clients"]
+    Ks = res["setup"]["num_clients_per_seed"]
+    K = "/".join(map(str, Ks))
     C = res["setup"]["clients_per_round"]
+    q = f"{C}/K"
     clip = _fmt(a["clip"])
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(19, 7.6),
                                      gridspec_kw={"width_ratios": [2.1, 1.1, 1.1]})
@@ -479,7 +539,7 @@ def plot(res: dict, path: Path) -> None:
                         **kw)
 
     zs = [f"dpfedavg_poisson_z{_fmt(z)}" for z in a["noise"]]
-    line(zs, f"DP-FedAvg, Poisson q={q:g}, RDP add/remove, clip {clip}", marker="o",
+    line(zs, f"DP-FedAvg, Poisson q={q}, RDP add/remove, clip {clip}", marker="o",
          color="C0")
     line(zs, "same runs at their PLD add/remove epsilon", field="epsilon_pld", marker="o",
          mfc="none", ls="--", color="C0", alpha=0.7)      # epsilon depends on the config only
@@ -488,7 +548,7 @@ def plot(res: dict, path: Path) -> None:
             ax.annotate(f"z={_fmt(z)}", (by[k]["epsilon"], by[k]["accuracy_mean"]),
                         textcoords="offset points", xytext=(5, 6), fontsize=8, color="C0")
     zf = [f"dpfedavg_fixed_z{_fmt(z)}" for z in a["noise"]]
-    line(zf, f"DP-FedAvg, fixed cohorts {C}/{K}, RDP replace-one (2S), clip {clip}",
+    line(zf, f"DP-FedAvg, fixed cohorts of {C}, RDP replace-one (2S), clip {clip}",
          marker="s", color="C3")
     for k, z in zip(zf, a["noise"]):
         if k in by and eps_of(by[k]):
@@ -501,7 +561,8 @@ def plot(res: dict, path: Path) -> None:
          f"DP-FTRL, epochs (tree/epoch), RDP zero-out, clip {clip}, server SGD",
          marker="^", color="C1")
     line([f"dpftrlm_eps{_fmt(e)}" for e in a["targets"]],
-         f"DP-FTRLM, epochs, RDP zero-out, clip {clip}, server momentum 0.9",
+         f"DP-FTRLM, epochs, RDP zero-out, clip {clip}, server lr {_fmt(a['ftrlm_lr'])} "
+         "momentum 0.9",
          marker="v", color="C4")
     for k, style, lab in (("plaintext_fixed", dict(color="k", ls="-"),
                            "plaintext FedAvg (no clip, no noise; fixed cohorts)"),
@@ -513,9 +574,11 @@ def plot(res: dict, path: Path) -> None:
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
         lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
-    ax.set_xlabel(f"epsilon (delta = {a['delta']:g}, after {a['rounds']} rounds; log scale)")
+    ax.set_xlabel(f"epsilon (delta = {a['delta']:g}, after {a['rounds']} rounds; mean over "
+                  "seeds; log scale)")
     ax.set_ylabel(f"final test accuracy (mean ± std over {len(res['seeds'])} seeds)")
-    ax.set_title(f"Accuracy vs epsilon, quickstart task ({K} clients, {C}/round)")
+    ax.set_title(f"Accuracy vs epsilon, quickstart task (K = {K} training clients by seed, "
+                 f"{C}/round)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2,
               title="method: sampling, accountant / neighbours, clip norm",
@@ -534,7 +597,8 @@ def plot(res: dict, path: Path) -> None:
         bx.plot([i] * len(r["accuracy_per_seed"]), r["accuracy_per_seed"], ".", color="gray",
                 alpha=0.6)
     bx.set_xticks(range(len(clip_rows)), labels, rotation=25, ha="right", fontsize=8)
-    bx.set_ylabel("final test accuracy (dots: seeds)")
+    bx.set_ylabel("final test accuracy (mean ± std; dots: seeds)")
+    bx.set_xlabel("clipping (initial clip norm)")
     eps_a = next((r["epsilon"] for r in clip_rows if r.get("epsilon")), None)
     bx.set_title(f"Clip norm at z = {za}, Poisson (epsilon {_eps(eps_a)})")
     bx.grid(True, axis="y", alpha=0.3)
@@ -563,6 +627,30 @@ def plot(res: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- main
+
+def source_state() -> dict:
+    """git HEAD, whether fedjax_lite/ has uncommitted changes, and a hash of its sources
+    (the same fields as ``throughput.machine_info()``, without JAX): the runs' worker
+    processes import the engine at the start, ``machine_info()`` runs at the end."""
+    import hashlib
+    import subprocess
+    h = hashlib.sha256()
+    for f in sorted((REPO / "fedjax_lite").rglob("*.py")):
+        h.update(f.read_bytes())
+    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True,
+                                    text=True).stdout.strip()
+    return {"git_commit": git("rev-parse", "HEAD"),
+            "fedjax_lite_dirty": bool(git("status", "--porcelain", "fedjax_lite")),
+            "fedjax_lite_source_sha256": h.hexdigest()[:16]}
+
+
+def _mean(values: list):
+    """Mean of the float values; a list of only None gives None, of strings the first."""
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if nums and len(nums) == len(values):
+        return statistics.mean(nums)
+    return next((v for v in values if v is not None), None)
+
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
@@ -605,9 +693,8 @@ def main(argv=None) -> None:
         print(f"note: --adaptive-z {args.adaptive_z} is not in --noise; its fixed-clip "
               "row is run for the clipping comparison only", flush=True)
     t_start = time.perf_counter()
-    from fedjax_lite.experiment.host import configure_host
-    configure_host()
-
+    source_at_start = source_state()
+    _import_engine()
     todo = settings(args)
     seeds = list(range(args.seeds))
     print(f"{len(todo)} settings x {len(seeds)} seeds = {len(todo) * len(seeds)} runs on "
@@ -623,7 +710,7 @@ def main(argv=None) -> None:
             msg = (f"FAILED {r['error']}" if "error" in r else
                    f"accuracy {r['accuracy']:.4f}  epsilon "
                    f"{_eps((r['privacy'] or {}).get('epsilon'))}  "
-                   f"({r['run_s']:.0f} s, compile {r['compile_s']:.0f} s)")
+                   f"({r['run_s']:.0f} s, compile {r['compile_s'] or 0:.0f} s)")
             print(f"[{len(results):3d}/{len(futures)} {time.perf_counter() - t_start:6.0f} s] "
                   f"{todo[i]['label']}, seed {seed}: {msg}", flush=True)
     runs_s = time.perf_counter() - t_start
@@ -643,48 +730,54 @@ def main(argv=None) -> None:
             row.update(accuracy_per_seed=accs, accuracy_mean=statistics.mean(accs),
                        accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
                        seeds=[r["seed"] for r in good],
-                       num_clients=good[0]["num_clients"],
+                       num_clients_per_seed=[r["num_clients"] for r in good],
                        clients_per_round=good[0]["clients_per_round"],
-                       static_cohort_size=good[0]["sampling"]["static_cohort_size"],
-                       clients_per_s_per_seed=[r["clients_per_s"] for r in good],
+                       static_cohort_size_per_seed=[r["sampling"]["static_cohort_size"]
+                                                    for r in good],
+                       clients_per_s_per_seed=[r.get("clients_per_s") for r in good],
                        compile_s_per_seed=[r["compile_s"] for r in good])
-            priv = good[0]["privacy"]
-            if priv:
-                eps_seeds = [r["privacy"]["epsilon"] for r in good]
-                z_seeds = [r["privacy"]["noise_multiplier"] for r in good]
-                if any(e != eps_seeds[0] for e in eps_seeds) or any(
-                        z != z_seeds[0] for z in z_seeds):
-                    row["warning"] = f"epsilon / z differ across seeds: {eps_seeds} {z_seeds}"
-                row.update(epsilon=priv["epsilon"], epsilon_per_seed=eps_seeds,
-                           noise_multiplier=priv["noise_multiplier"],
-                           accountant=priv["accountant"], neighboring=priv["neighboring"],
-                           sampling_probability=priv["sampling_probability"],
-                           population=priv["population"], delta=priv["delta"],
-                           restart_every=priv["restart_every"], assumes=priv["assumes"],
-                           **other_epsilons(priv, args.rounds))
-                rec = row.get("epsilon_rdp_recomputed")
-                if isinstance(rec, float) and priv["epsilon"] is not None and not math.isclose(
-                        rec, priv["epsilon"], rel_tol=1e-9):
-                    row["warning"] = f"recomputed RDP epsilon {rec} != run's {priv['epsilon']}"
+            privs = [r["privacy"] for r in good]
+            if privs[0]:
+                # K (held-out test clients are drawn per seed), hence q, epsilon and a
+                # calibrated z, can differ between seeds: kept per seed, averaged
+                row.update(accountant=privs[0]["accountant"],
+                           neighboring=privs[0]["neighboring"], delta=privs[0]["delta"],
+                           assumes_per_seed=[p["assumes"] for p in privs])
+                for field in ("epsilon", "noise_multiplier", "sampling_probability",
+                              "population", "restart_every", "delta_overflow_stop"):
+                    row[f"{field}_per_seed"] = [p.get(field) for p in privs]
+                    row[field] = _mean(row[f"{field}_per_seed"])
+                others = [other_epsilons(p, args.rounds) for p in privs]
+                for field in others[0]:
+                    row[f"{field}_per_seed"] = [o[field] for o in others]
+                    row[field] = _mean(row[f"{field}_per_seed"])
+                for p, o in zip(privs, others):
+                    rec = o.get("epsilon_rdp_recomputed")
+                    if isinstance(rec, float) and p["epsilon"] is not None and \
+                            not math.isclose(rec, p["epsilon"], rel_tol=1e-9):
+                        row["warning"] = (f"recomputed RDP epsilon {rec} != the run's "
+                                          f"{p['epsilon']}")
                 if row.get("adaptive"):
                     curves = [r["clip_norm_curve"] for r in good]
                     finals = [c[-1][1] for c in curves if c]
                     row.update(clip_norm_curves=curves, final_clip_norm_per_seed=finals,
                                final_clip_norm_mean=statistics.mean(finals) if finals
                                else None)
-            if setup is None and priv and priv["sampling"] == "poisson":
-                setup = {"num_clients": good[0]["num_clients"],
-                         "population_accounted": priv["population"],
-                         "clients_per_round": good[0]["clients_per_round"],
-                         "sampling_probability": priv["sampling_probability"],
-                         "poisson_static_cohort": good[0]["sampling"]["static_cohort_size"],
-                         "from_run": s["key"]}
+            if setup is None and privs[0] and privs[0]["sampling"] == "poisson" and (
+                    privs[0]["noise_multiplier"] > 0):
+                setup = {"num_clients_per_seed": row["num_clients_per_seed"],
+                         "clients_per_round": row["clients_per_round"],
+                         "sampling_probability_per_seed": row["sampling_probability_per_seed"],
+                         "seeds": row["seeds"], "from_run": s["key"]}
         rows.append(row)
 
     throughput = None
     if args.repeats > 0:
         print("throughput: compiling the rounds ...", flush=True)
-        throughput = measure_throughput(args)
+        ref = next((r for r in rows if r["key"] == "dpfedavg_poisson_z1"
+                    and 0 in r.get("seeds", []) and "static_cohort_size_per_seed" in r), None)
+        slots = (ref["static_cohort_size_per_seed"][ref["seeds"].index(0)] if ref else None)
+        throughput = measure_throughput(args, slots)
         for k, v in throughput["variants"].items():
             print(f"  {v['what']:80s} {v['median_s'] * 1e3:7.2f} ms "
                   f"{v['clients_per_s']:9,.0f} clients/s", flush=True)
@@ -692,10 +785,17 @@ def main(argv=None) -> None:
             print(f"  ratio {k:36s} {v['median_clients_per_s_ratio']:.2f} "
                   f"(IQR {v['q1']:.2f}-{v['q3']:.2f})", flush=True)
     machine = tp.machine_info()
+    source_at_end = source_state()
+    if source_at_end != source_at_start:
+        print(f"WARNING: the repository changed during the benchmark: {source_at_start} at "
+              f"the start, {source_at_end} at the end (every process imported the engine "
+              "at the start)", flush=True)
     runtime = time.perf_counter() - t_start
-    res = {"machine": machine, "command": "python benchmarks/dp_tradeoff.py "
-           + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"machine": machine, "command": " ".join(
+               ["python benchmarks/dp_tradeoff.py"] + (sys.argv[1:] if argv is None else argv)),
            "base_config": str(BASE_CONFIG.relative_to(REPO)), "args": vars(args),
+           "source_at_start": source_at_start, "source_at_end": source_at_end,
+           "source_changed_during_run": source_at_end != source_at_start,
            "seeds": seeds, "setup": setup or {}, "runtime_s": runtime,
            "runs_s": runs_s, "rows": rows, "throughput": throughput}
     out = Path(args.out)

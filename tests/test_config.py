@@ -45,7 +45,8 @@ model: {kind: multinomial_logistic_regression, num_classes: 10}
     ({"algorithm": {"weighting": "clients"}}, r"'algorithm.weighting'.*'examples', 'uniform'"),
     ({"algorithm": {"name": "fedfoo"}}, r"'algorithm.name'.*'fedavg'"),
     ({"data": {"kind": "mnist"}}, r"'data.kind': unknown data kind 'mnist'; allowed: "
-                                  r"fedprox_synthetic, npz, synthetic_logistic"),
+                                  r"fedprox_synthetic, movielens, npz, synthetic_logistic, "
+                                  r"synthetic_ratings"),
     ({"data": {"num_clients": 3}}, r"'data.kind' is required"),
     ({"data": {"kind": "synthetic_logistic", "alpha": 1}}, r"unknown config key 'data.alpha'"),
     ({"data": {"kind": "npz"}}, r"'data.path' is required"),

@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedjax-lite: diverged: {e}", file=sys.stderr)
         return 3
     final = summary["final"]
-    print(json.dumps({"round": final.get("round"), "eval_accuracy": final.get("eval_accuracy"),
+    headline = ({"eval_rmse": final.get("eval_rmse"), "eval_mae": final.get("eval_mae")}
+                if "eval_rmse" in final else {"eval_accuracy": final.get("eval_accuracy")})
+    print(json.dumps({"round": final.get("round"), **headline,
                       "eval_loss": final.get("eval_loss"),
                       "clients_per_s": summary["clients_per_s"],
                       "wall_s": round(summary["wall_s"], 2), "out": args.out}))

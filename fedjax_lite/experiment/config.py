@@ -26,7 +26,8 @@ from fedjax_lite.experiment.config_schema import (AGGREGATOR_KEYS, ALGORITHM_ONL
                                                   SAMPLING_ONLY_KEYS, SERVER_OPTIMIZER_OF,
                                                   AggregatorConfig, AlgorithmConfig,
                                                   CompressionConfig, Config, ConfigError,
-                                                  NpzData, OptimizerConfig)
+                                                  NpzData, OptimizerConfig,
+                                                  RATINGS_DATA, RECOMMENDATION_ALGORITHMS)
 
 
 # ------------------------------------------------------------------------ parsing
@@ -282,6 +283,7 @@ def parse(raw: dict) -> Config:
             and config.data.num_classes != config.model.num_classes):
         raise ConfigError(f"config key 'model.num_classes': {config.model.num_classes} differs "
                           f"from data.num_classes={config.data.num_classes}")
+    _check_recommendation(config)
     if isinstance(config.data, NpzData) and not config.data.path:
         raise ConfigError("config key 'data.path' is required for data kind 'npz'")
     if isinstance(config.engine.devices, int) and config.engine.devices <= 0:
@@ -291,6 +293,46 @@ def parse(raw: dict) -> Config:
         raise ConfigError(f"config key 'engine.chunk_size': got {config.engine.chunk_size}, "
                           "expected a positive integer, 'auto' or 'all'")
     return config
+
+
+def _check_recommendation(config: Config) -> None:
+    """Ratings data, the MF model and the recommendation algorithms go together."""
+    ratings = config.data.kind in RATINGS_DATA
+    mf = config.model.kind == "matrix_factorization"
+    rec = config.algorithm.name in RECOMMENDATION_ALGORITHMS
+    if ratings != mf or mf != rec:
+        raise ConfigError(
+            "config keys 'data.kind', 'model.kind', 'algorithm.name': ratings data "
+            f"({', '.join(RATINGS_DATA)}), model matrix_factorization and algorithm "
+            f"{' / '.join(RECOMMENDATION_ALGORITHMS)} go together; got data "
+            f"{config.data.kind!r}, model {config.model.kind!r}, algorithm "
+            f"{config.algorithm.name!r}")
+    if not rec:
+        return
+    if config.data.kind == "movielens" and not config.data.path:
+        raise ConfigError("config key 'data.path' is required for data kind 'movielens' (a "
+                          "directory as GroupLens distributes it, e.g. ml-100k/)")
+    agg = config.aggregator.name
+    if agg not in ("mean", "dp_gaussian"):
+        raise ConfigError(f"config key 'aggregator.name': {config.algorithm.name} sends "
+                          f"sparse item updates; it takes mean or dp_gaussian, not {agg!r}")
+    if config.attack.kind != "none" or config.compression.kind != "none":
+        raise ConfigError(f"config keys 'attack', 'compression': not defined for the sparse "
+                          f"item updates of {config.algorithm.name}")
+    if agg == "dp_gaussian":
+        if config.aggregator.target_quantile is not None:
+            raise ConfigError("config key 'aggregator.target_quantile': adaptive clipping is "
+                              "not available for sparse updates yet")
+        if config.algorithm.item_aggregation != "all":
+            raise ConfigError("config key 'algorithm.item_aggregation': dp_gaussian divides "
+                              "by a fixed denominator (how many users rated an item is "
+                              "client data); set item_aggregation: all")
+        if not config.privacy.nonprivate_diagnostics:
+            raise ConfigError(
+                "config key 'privacy.nonprivate_diagnostics': the RMSE of a recommender is "
+                "measured on the users' own held-out ratings with their private factors, "
+                "outside the accounted mechanism; set it to true to run (the summary then "
+                "says the metrics are non-private diagnostics)")
 
 
 # Algorithms whose server update uses client data outside the aggregator, so a DP

@@ -72,9 +72,38 @@ class NpzData:
     test_split: Literal[TEST_SPLITS] = "auto"      # without test_path
 
 
-DataConfig = Union[SyntheticLogisticData, FedProxSyntheticData, NpzData]
+RATING_SPLITS = ("random", "temporal", "leave_one_out")
+MOVIELENS_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub") + RATING_SPLITS
+
+
+@dataclass(frozen=True)
+class SyntheticRatingsData:
+    """Ratings shaped like MovieLens-100k by default (power-law activity and popularity,
+    low-rank structure, biases, noise, integer ratings 1-5): each user is one client."""
+    kind: Literal["synthetic_ratings"] = "synthetic_ratings"
+    num_users: int = field(default=943, metadata=_POS_INT)
+    num_items: int = field(default=1682, metadata=_POS_INT)
+    num_ratings: int = field(default=100_000, metadata=_POS_INT)
+    split: Literal[RATING_SPLITS] = "random"
+    test_fraction: float = field(default=0.2, metadata=_FRACTION)
+
+
+@dataclass(frozen=True)
+class MovieLensData:
+    """A MovieLens directory as GroupLens distributes it (ml-100k, ml-1m, ml-latest,
+    ml-latest-small): each user is one client."""
+    kind: Literal["movielens"] = "movielens"
+    path: str = ""
+    split: Literal[MOVIELENS_SPLITS] = "u1"
+    test_fraction: float = field(default=0.2, metadata=_FRACTION)
+
+
+RATINGS_DATA = ("synthetic_ratings", "movielens")
+DataConfig = Union[SyntheticLogisticData, FedProxSyntheticData, NpzData,
+                   SyntheticRatingsData, MovieLensData]
 DATA_KINDS = {c.__dataclass_fields__["kind"].default: c
-              for c in (SyntheticLogisticData, FedProxSyntheticData, NpzData)}
+              for c in (SyntheticLogisticData, FedProxSyntheticData, NpzData,
+                        SyntheticRatingsData, MovieLensData)}
 
 
 # ---------------------------------------------------------------------------- model
@@ -90,9 +119,20 @@ class MultinomialLogisticRegressionModel:
     num_classes: int = field(default=10, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
 
 
-ModelConfig = Union[LogisticRegressionModel, MultinomialLogisticRegressionModel]
+@dataclass(frozen=True)
+class MatrixFactorizationModel:
+    """Biased MF (Koren et al. 2009): r = mu + b_u + b_i + p_u . q_i; p_u, b_u private."""
+    kind: Literal["matrix_factorization"] = "matrix_factorization"
+    dim: int = field(default=32, metadata=_POS_INT)
+    l2: float = field(default=0.02, metadata=_NONNEG)
+    init_scale: float = field(default=0.1, metadata=_POS)
+
+
+ModelConfig = Union[LogisticRegressionModel, MultinomialLogisticRegressionModel,
+                    MatrixFactorizationModel]
 MODEL_KINDS = {c.__dataclass_fields__["kind"].default: c
-               for c in (LogisticRegressionModel, MultinomialLogisticRegressionModel)}
+               for c in (LogisticRegressionModel, MultinomialLogisticRegressionModel,
+                         MatrixFactorizationModel)}
 
 
 # ------------------------------------------------------------------------ algorithm
@@ -105,7 +145,8 @@ class OptimizerConfig:
 
 
 ALGORITHMS = ("fedavg", "fedsgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox",
-              "scaffold", "fednova")
+              "scaffold", "fednova", "fcf")
+RECOMMENDATION_ALGORITHMS = ("fcf",)
 
 # FedOpt family: FedAvg with this server optimizer (Hsu et al. 2019; Reddi et al. 2021).
 # Defaults follow Reddi et al.'s search grids' typical values; tau = eps = 1e-3.
@@ -119,7 +160,7 @@ SERVER_OPTIMIZER_OF = {
 }
 # keys that only some algorithms take (absent = the algorithm's default)
 ALGORITHM_ONLY_KEYS = {"mu": ("fedprox",), "straggler_fraction": ("fedprox",),
-                       "drop_stragglers": ("fedprox",)}
+                       "drop_stragglers": ("fedprox",), "item_aggregation": ("fcf",)}
 # keys that only some sampling kinds take
 SAMPLING_ONLY_KEYS = {"max_cohort_size": ("poisson",)}
 
@@ -146,6 +187,9 @@ class AlgorithmConfig:
     straggler_fraction: float = field(default=0.0, metadata=_check(
         lambda v: 0 <= v <= 1, "a number in [0, 1]"))          # fedprox
     drop_stragglers: bool = False                               # fedprox
+    # fcf: an item's delta is the mean over the users who rated it ('raters') or the sum
+    # over all reporting users' weights ('all'; the one DP uses, with a fixed denominator)
+    item_aggregation: Literal["raters", "all"] = "raters"
 
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",

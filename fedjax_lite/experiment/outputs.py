@@ -84,12 +84,17 @@ def plot_curves(path: str, rows: list[dict], title: str = "") -> None:
         if pts:
             axes[0].plot(*zip(*pts), marker=".", label=label)
     axes[0].set_xlabel("round"); axes[0].set_ylabel("loss"); axes[0].legend()
-    for key, label in (("eval_accuracy", "example-weighted"),
-                       ("eval_accuracy_client_mean", "client mean")):
+    ratings = any(r.get("eval_rmse") is not None for r in rows)
+    panel = ((("eval_rmse", "RMSE"), ("eval_mae", "MAE")) if ratings else
+             (("eval_accuracy", "example-weighted"), ("eval_accuracy_client_mean",
+                                                      "client mean")))
+    for key, label in panel:
         pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             axes[1].plot(*zip(*pts), marker=".", label=label)
-    axes[1].set_xlabel("round"); axes[1].set_ylabel("eval accuracy"); axes[1].legend()
+    axes[1].set_xlabel("round")
+    axes[1].set_ylabel("held-out rating error" if ratings else "eval accuracy")
+    axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
         if rounds:

@@ -72,11 +72,15 @@ class Ledger:
         to delta: the run stops (revealing an overflow) with probability <= R p under
         either neighbour, which turns (eps, delta) into (eps, delta + (1 + e^eps) R p)."""
         eps = self.epsilon(rounds)
-        return self.delta / (10.0 * rounds * (1.0 + math.exp(min(eps or 700.0, 700.0))))
+        if eps is None:            # no noise: no guarantee to protect, the default bound
+            return 1e-12
+        return self.delta / (10.0 * rounds * (1.0 + math.exp(min(eps, 700.0))))
 
     def overflow_delta(self, rounds: int) -> float:
         eps = self.epsilon(rounds)
-        return (1.0 + math.exp(min(eps or 700.0, 700.0))) * rounds * self.overflow_p
+        if eps is None:
+            return None
+        return (1.0 + math.exp(min(eps, 700.0))) * rounds * self.overflow_p
 
     def epsilon(self, rounds: int) -> float | None:
         """None when there is no guarantee (no noise) after >= 1 round."""

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fedjax_lite.core import Sampling, build_evaluate, build_round, poisson_bound, round_key
 from fedjax_lite.core.round import poisson_bound_tail
 from fedjax_lite.experiment import config as cfg
-from fedjax_lite.experiment import privacy_run
+from fedjax_lite.experiment import build_recsys, privacy_run
 from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm, build_data,
                                              build_model, engine_options)
 from fedjax_lite.experiment.checkpoint import Checkpointer
@@ -80,8 +80,12 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         if diff:
             raise cfg.ConfigError(f"--resume: config differs from {config_path}: {diff}")
 
+    recommender = config.algorithm.name in cfg.RECOMMENDATION_ALGORITHMS
     try:
-        train, test = build_data(config)
+        if recommender:
+            train, test, _ = build_recsys.build_ratings_data(config)
+        else:
+            train, test = build_data(config)
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from e
     train = apply_label_attack(config, train)
@@ -110,21 +114,26 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         if ledger is not None:
             ledger.overflow_p = overflow_p
     check_static_cohort(config, bound)
-    model = build_model(config, train.feature_shape)
+    init_key, run_key = jax.random.split(jax.random.key(config.seed))
     engine = engine_options(config.engine, train.n)
     try:
-        algorithm = build_algorithm(config, model, engine, num_clients=K, privacy=setup)
+        if recommender:
+            model = build_recsys.build_mf(config, train)
+            algorithm = build_recsys.build_fcf(config, model, engine, num_users=K,
+                                               init_key=init_key, privacy=setup)
+        else:
+            model = build_model(config, train.feature_shape)
+            algorithm = build_algorithm(config, model, engine, num_clients=K, privacy=setup)
     except ValueError as e:           # a builder's argument check (names the argument)
         raise cfg.ConfigError(f"config: {e}") from None
     with open(config_path, "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
 
-    init_key, run_key = jax.random.split(jax.random.key(config.seed))
     if config.is_private and config.privacy.secure_mode:
         run_key = privacy_run.secret_run_key(ckpt.directory, resume)
     sampling = Sampling(sampling_kind, bound if sampling_kind == "poisson" else None,
                         run_key if sampling_kind == "epochs" else None)
-    state = algorithm.init(model.init(init_key))
+    state = algorithm.init(model.init_global(init_key) if recommender else model.init(init_key))
     # the population lives on the device(s) for the whole run (replicated over the mesh)
     where = (NamedSharding(engine.mesh, PartitionSpec()) if engine.mesh is not None
              else jax.local_devices()[0])
@@ -137,8 +146,14 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     round_fn = jax.jit(build_round(algorithm, num_clients=K, clients_per_round=C,
                                    sampling=sampling)).lower(
         state, population, round_key(run_key, 0)).compile()
-    evaluate = jax.jit(build_evaluate(model, eval_engine)).lower(
-        state.params, test_data).compile()
+    if recommender:      # RMSE needs the users' private factors: the whole state
+        from fedjax_lite.algorithms.fcf import evaluate_ratings
+        compiled = jax.jit(evaluate_ratings(model)).lower(state, test_data).compile()
+        evaluate = lambda st, data: compiled(st, data)
+    else:
+        compiled = jax.jit(build_evaluate(model, eval_engine)).lower(
+            state.params, test_data).compile()
+        evaluate = lambda st, data: compiled(st.params, data)
     compile_s = time.perf_counter() - t0
 
     start, elapsed_before = 0, 0.0
@@ -162,7 +177,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                                            "seed": config.seed, "window": window})
 
     def eval_row(round_num: int, st, window: dict) -> dict:
-        ev = {k: float(v) for k, v in evaluate(st.params, test_data).items()}
+        ev = {k: float(v) for k, v in evaluate(st, test_data).items()}
         if not math.isfinite(ev["eval_loss"]):
             raise DivergenceError(f"non-finite eval loss at round {round_num}")
         timed = window["rounds"] and show_loss   # round times depend on client data sizes
@@ -237,8 +252,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                          else {"eps": f"{last_row.get('epsilon') or float('inf'):.3g}"})
                 if show_loss:
                     shown["cps"] = f"{C / dt:,.0f}"
-                bar.set_postfix(**shown, acc=f"{last_row['eval_accuracy']:.4f}",
-                                refresh=False)
+                main_metric = "eval_rmse" if recommender else "eval_accuracy"
+                shown[main_metric[5:]] = f"{last_row[main_metric]:.4f}"
+                bar.set_postfix(**shown, refresh=False)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
                 save(done, state, window)
                 last_saved = done
