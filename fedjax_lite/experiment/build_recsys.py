@@ -24,6 +24,9 @@ def build_ratings_data(config: Config):
         split = synthetic_ratings(num_users=d.num_users, num_items=d.num_items,
                                   num_ratings=d.num_ratings, split=d.split,
                                   test_fraction=d.test_fraction, seed=config.seed)
+    if config.algorithm.clients_per_round > split.train.num_users:
+        raise ValueError(f"clients_per_round={config.algorithm.clients_per_round} is larger "
+                         f"than the population ({split.train.num_users} users)")
     return split.train, split.test, split
 
 
