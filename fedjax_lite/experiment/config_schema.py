@@ -32,6 +32,7 @@ _FRACTION = _check(lambda v: 0 <= v < 1, "a number in [0, 1)")
 # lie outside the training population), examples otherwise.
 TEST_SPLITS = ("auto", "examples", "clients")
 
+
 @dataclass(frozen=True)
 class SyntheticLogisticData:
     """Binary clients sharing one linear boundary, with feature shift and size skew."""
