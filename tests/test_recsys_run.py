@@ -86,3 +86,12 @@ def test_movielens_directory_errors_are_one_line(tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
+
+
+def test_shipped_movielens_config_parses_with_the_issue_command_line():
+    import os
+    from fedjax_lite.experiment import config as cfg
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = cfg.load(os.path.join(root, "configs", "movielens_fcf.yaml"),
+                 ["data.path=/some/ml-100k", "data.split=u1"])
+    assert (c.data.kind, c.data.split, c.algorithm.name) == ("movielens", "u1", "fcf")
