@@ -36,11 +36,11 @@ def build_mf(config: Config, train) -> MatrixFactorization:
                                init_scale=m.init_scale, scale=tuple(train.scale))
 
 
-def build_fcf(config: Config, model: MatrixFactorization, engine: EngineOptions, *,
-              num_users: int, init_key: jax.Array, privacy=None) -> FederatedAlgorithm:
-    """FCF with ``sparse_mean`` (aggregator mean) or the sparse Gaussian mechanism
-    (aggregator dp_gaussian, with the run's resolved noise multiplier)."""
-    from fedjax_lite.algorithms.fcf import fcf
+def build_recommender(config: Config, model: MatrixFactorization, engine: EngineOptions, *,
+                      num_users: int, init_key: jax.Array, privacy=None
+                      ) -> FederatedAlgorithm:
+    """FCF or FedRecon with ``sparse_mean`` (aggregator mean) or the sparse Gaussian
+    mechanism (aggregator dp_gaussian, with the run's resolved noise multiplier)."""
     from fedjax_lite.core.sparse import sparse_mean
     from fedjax_lite.privacy.sparse_dp import dp_sparse_gaussian
     a, g = config.algorithm, config.aggregator
@@ -51,12 +51,35 @@ def build_fcf(config: Config, model: MatrixFactorization, engine: EngineOptions,
                                         privacy.noise_multiplier, denom)
     else:
         aggregator = sparse_mean(model.num_items, a.item_aggregation)
+    common = dict(client_optimizer=build_optimizer(a.client_optimizer),
+                  server_optimizer=build_optimizer(a.server_optimizer),
+                  local_epochs=a.local_epochs, batch_size=a.batch_size,
+                  weighting=a.weighting, item_aggregation=a.item_aggregation,
+                  aggregator=aggregator, faults=build_faults(config, num_users),
+                  engine=engine)
+    if a.name == "fedrecon":
+        from fedjax_lite.algorithms.fedrecon import fedrecon
+        return fedrecon(model, recon_steps=a.recon_steps,
+                        support_fraction=a.support_fraction, **common)
+    from fedjax_lite.algorithms.fcf import fcf
     return fcf(model, num_users=num_users, init_key=jax.random.fold_in(init_key, 1),
-               client_optimizer=build_optimizer(a.client_optimizer),
-               server_optimizer=build_optimizer(a.server_optimizer),
-               local_epochs=a.local_epochs, batch_size=a.batch_size, weighting=a.weighting,
-               item_aggregation=a.item_aggregation, aggregator=aggregator,
-               faults=build_faults(config, num_users), engine=engine)
+               **common)
 
 
-__all__ = ["build_fcf", "build_mf", "build_ratings_data"]
+def build_rating_evaluation(config: Config, model: MatrixFactorization, init_key: jax.Array):
+    """``evaluate(state, train, test)``: FCF predicts with the users' stored private
+    factors; FedRecon reconstructs them from each user's training ratings first."""
+    if config.algorithm.name == "fedrecon":
+        from fedjax_lite.algorithms.fedrecon import evaluate_train_test
+        a = config.algorithm
+        return evaluate_train_test(model, recon_steps=a.recon_steps,
+                                   recon_optimizer=build_optimizer(a.client_optimizer),
+                                   batch_size=a.batch_size,
+                                   support_fraction=a.support_fraction,
+                                   key=jax.random.fold_in(init_key, 2))
+    from fedjax_lite.algorithms.fcf import evaluate_ratings
+    evaluate = evaluate_ratings(model)
+    return lambda state, train, test: evaluate(state, test)
+
+
+__all__ = ["build_mf", "build_rating_evaluation", "build_ratings_data", "build_recommender"]

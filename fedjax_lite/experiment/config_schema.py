@@ -146,8 +146,8 @@ class OptimizerConfig:
 
 
 ALGORITHMS = ("fedavg", "fedsgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox",
-              "scaffold", "fednova", "fcf")
-RECOMMENDATION_ALGORITHMS = ("fcf",)
+              "scaffold", "fednova", "fcf", "fedrecon")
+RECOMMENDATION_ALGORITHMS = ("fcf", "fedrecon")
 
 # FedOpt family: FedAvg with this server optimizer (Hsu et al. 2019; Reddi et al. 2021).
 # Defaults follow Reddi et al.'s search grids' typical values; tau = eps = 1e-3.
@@ -161,7 +161,9 @@ SERVER_OPTIMIZER_OF = {
 }
 # keys that only some algorithms take (absent = the algorithm's default)
 ALGORITHM_ONLY_KEYS = {"mu": ("fedprox",), "straggler_fraction": ("fedprox",),
-                       "drop_stragglers": ("fedprox",), "item_aggregation": ("fcf",)}
+                       "drop_stragglers": ("fedprox",),
+                       "item_aggregation": ("fcf", "fedrecon"), "recon_steps": ("fedrecon",),
+                       "support_fraction": ("fedrecon",)}
 # keys that only some sampling kinds take
 SAMPLING_ONLY_KEYS = {"max_cohort_size": ("poisson",)}
 
@@ -191,6 +193,11 @@ class AlgorithmConfig:
     # fcf: an item's delta is the mean over the users who rated it ('raters') or the sum
     # over all reporting users' weights ('all'; the one DP uses, with a fixed denominator)
     item_aggregation: Literal["raters", "all"] = "raters"
+    # fedrecon: epochs reconstructing the private user parameters on the support split
+    # (a support_fraction of each user's ratings) before the global update on the rest
+    recon_steps: int = field(default=1, metadata=_POS_INT)
+    support_fraction: float = field(default=0.5, metadata=_check(lambda v: 0 < v < 1,
+                                                                 "a number in (0, 1)"))
 
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",

@@ -119,8 +119,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     try:
         if recommender:
             model = build_recsys.build_mf(config, train)
-            algorithm = build_recsys.build_fcf(config, model, engine, num_users=K,
-                                               init_key=init_key, privacy=setup)
+            algorithm = build_recsys.build_recommender(config, model, engine, num_users=K,
+                                                       init_key=init_key, privacy=setup)
         else:
             model = build_model(config, train.feature_shape)
             algorithm = build_algorithm(config, model, engine, num_clients=K, privacy=setup)
@@ -146,10 +146,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     round_fn = jax.jit(build_round(algorithm, num_clients=K, clients_per_round=C,
                                    sampling=sampling)).lower(
         state, population, round_key(run_key, 0)).compile()
-    if recommender:      # RMSE needs the users' private factors: the whole state
-        from fedjax_lite.algorithms.fcf import evaluate_ratings
-        compiled = jax.jit(evaluate_ratings(model)).lower(state, test_data).compile()
-        evaluate = lambda st, data: compiled(st, data)
+    if recommender:      # RMSE needs the users' private factors (or their reconstruction)
+        rating_eval = build_recsys.build_rating_evaluation(config, model, init_key)
+        compiled = jax.jit(rating_eval).lower(state, population, test_data).compile()
+        evaluate = lambda st, data: compiled(st, population, data)
     else:
         compiled = jax.jit(build_evaluate(model, eval_engine)).lower(
             state.params, test_data).compile()
