@@ -95,3 +95,12 @@ def test_shipped_movielens_config_parses_with_the_issue_command_line():
     c = cfg.load(os.path.join(root, "configs", "movielens_fcf.yaml"),
                  ["data.path=/some/ml-100k", "data.split=u1"])
     assert (c.data.kind, c.data.split, c.algorithm.name) == ("movielens", "u1", "fcf")
+
+
+def test_fedrecon_run_keeps_nothing_private_and_evaluates_by_reconstruction(tmp_path):
+    raw = {**REC, "algorithm": {**REC["algorithm"], "name": "fedrecon", "recon_steps": 3}}
+    out = tmp_path / "recon"
+    assert main(["run", write_config(tmp_path, raw), "--out", str(out), "--no-progress"]) == 0
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    assert rows[-1]["eval_rmse"] < rows[0]["eval_rmse"]
+    assert sorted(np.load(out / "params.npz").files) == ["item", "item_bias", "mu"]
