@@ -142,6 +142,38 @@ def _params(fn) -> dict:
         return {}
 
 
+# Ranges of the optax arguments whose nonsense values optax accepts silently.
+_OPTIMIZER_RANGES = {
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "momentum": (lambda v: v >= 0, "a number >= 0"),
+    "eps": (lambda v: v >= 0, "a number >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "b1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "b2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
+def _check_optimizer_value(key: str, arg: str, value: Any, param) -> None:
+    """An optax argument that is numeric (learning_rate, or a number by default) must be a
+    number in its range; a boolean one a boolean (optax builds the optimizer lazily, so a
+    string fails only later, deep inside the compiled round)."""
+    default = param.default
+    numeric = arg in _OPTIMIZER_RANGES or (isinstance(default, (int, float))
+                                           and not isinstance(default, bool))
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': got {value!r}, expected true or false")
+    if numeric:
+        if value is None and (default is None or arg == "momentum"):
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': got {value!r}, expected a number")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and arg in \
+            _OPTIMIZER_RANGES and not _OPTIMIZER_RANGES[arg][0](value):
+        raise ConfigError(f"config key '{key}': got {value!r}, expected "
+                          f"{_OPTIMIZER_RANGES[arg][1]}")
+
+
 def _optimizer(raw: Any, key: str) -> OptimizerConfig:
     import optax
     if not isinstance(raw, dict) or "name" not in raw:
@@ -162,9 +194,7 @@ def _optimizer(raw: Any, key: str) -> OptimizerConfig:
                               f"{arg!r}; allowed: {', '.join(params)}")
         if isinstance(value, str) and _NUMBER.match(value.strip()):
             value = float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and arg in (
-                "learning_rate",) and not value > 0:
-            raise ConfigError(f"config key '{key}.{arg}': got {value!r}, expected a number > 0")
+        _check_optimizer_value(f"{key}.{arg}", arg, value, params[arg])
         kwargs[arg] = value
     missing = [p.name for p in params.values() if p.default is inspect.Parameter.empty
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in kwargs]
