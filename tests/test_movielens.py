@@ -48,22 +48,22 @@ def ml100k(tmp_path, rows=ROWS, splits=True):
     return str(d)
 
 
-def ml1m(tmp_path, rows=ROWS):
-    d = tmp_path / "ml-1m"
+def _dat_dir(tmp_path, name, rows, companion):
+    """A ``::``-separated ratings.dat release (ml-1m, ml-10m) with its other files."""
+    d = tmp_path / name
     d.mkdir()
     _write(d / "ratings.dat", _lines(rows, "::"))
-    (d / "users.dat").write_text("")
-    (d / "movies.dat").write_text("")
+    for other in (companion, "movies.dat"):
+        (d / other).write_text("")
     return str(d)
+
+
+def ml1m(tmp_path, rows=ROWS):
+    return _dat_dir(tmp_path, "ml-1m", rows, "users.dat")
 
 
 def ml10m(tmp_path, rows=HALF):
-    d = tmp_path / "ml-10M100K"
-    d.mkdir()
-    _write(d / "ratings.dat", _lines(rows, "::"))
-    (d / "tags.dat").write_text("")
-    (d / "movies.dat").write_text("")
-    return str(d)
+    return _dat_dir(tmp_path, "ml-10M100K", rows, "tags.dat")
 
 
 def ml_latest(tmp_path, rows=HALF, **kw):

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.fedavg import check_weighting, client_weights, server_update
+from fedjax_lite.algorithms.fedavg import (check_weighting, client_weights,
+                                           cohort_train_loss, server_update)
 from fedjax_lite.core import client_state
 from fedjax_lite.core.aggregators import Aggregator
 from fedjax_lite.core.faults import Faults, apply_faults
@@ -42,7 +43,8 @@ from fedjax_lite.core.local import local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
 from fedjax_lite.core.sparse import SparseUpdate, sparse_mean
-from fedjax_lite.models.mf import MatrixFactorization, gather_rows, rating_errors
+from fedjax_lite.models.mf import (MatrixFactorization, gather_rows, rating_errors,
+                                   rating_summary)
 
 
 class FcfState(NamedTuple):
@@ -110,8 +112,7 @@ def fcf(model: MatrixFactorization, *, num_users: int, init_key: jax.Array,
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
                                           delta, weights, always=aggregator.private)
         private = client_state.scatter(state.private, cohort, new_private, keep=weights <= 0)
-        loss = jnp.sum(stats.loss_sum) / jnp.maximum(jnp.sum(stats.examples), 1.0)
-        metrics = {"train_loss": loss, **fault_metrics, **agg_metrics}
+        metrics = {"train_loss": cohort_train_loss(stats), **fault_metrics, **agg_metrics}
         return FcfState(params, opt_state, agg_state, state.round + 1, private), metrics
 
     return FederatedAlgorithm(init, apply)
@@ -124,10 +125,8 @@ def evaluate_ratings(model: MatrixFactorization):
     def evaluate(state, test: dict) -> dict:
         items, ratings, n = test["x"], test["y"], test["n"]
         mask = jnp.arange(items.shape[1])[None, :] < n[:, None]
-        e = rating_errors(model, state.params, state.private, items, ratings, mask)
-        count = jnp.maximum(e["count"], 1.0)
-        return {"eval_loss": e["se"] / count, "eval_rmse": jnp.sqrt(e["se"] / count),
-                "eval_mae": e["ae"] / count}
+        return rating_summary(*rating_errors(model, state.params, state.private, items,
+                                             ratings, mask))
     return evaluate
 
 

@@ -59,7 +59,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.fedavg import ServerState, check_weighting, server_update
+from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, cohort_train_loss,
+                                           server_update)
 from fedjax_lite.core.aggregators import Aggregator
 from fedjax_lite.core.faults import Faults, apply_faults
 from fedjax_lite.core.local import local_train_chunk
@@ -67,7 +68,8 @@ from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, c
                                     make_cohort, map_cohort)
 from fedjax_lite.core.shuffle import epoch_orders_lanes
 from fedjax_lite.core.sparse import SparseUpdate, sparse_mean
-from fedjax_lite.models.mf import MatrixFactorization, gather_rows
+from fedjax_lite.models.mf import (MatrixFactorization, gather_rows, rating_errors,
+                                   rating_summary)
 
 
 class Split(NamedTuple):
@@ -186,27 +188,12 @@ def fedrecon(model: MatrixFactorization, *, client_optimizer: optax.GradientTran
                                                          agg_key)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
                                           delta, weights, always=aggregator.private)
-        mean = lambda s: jnp.sum(s.loss_sum) / jnp.maximum(jnp.sum(s.examples), 1.0)
-        metrics = {"train_loss": mean(stats), "recon_loss": mean(recon_stats),
+        metrics = {"train_loss": cohort_train_loss(stats),
+                   "recon_loss": cohort_train_loss(recon_stats),
                    **fault_metrics, **agg_metrics}
         return ServerState(params, opt_state, agg_state, state.round + 1), metrics
 
     return FederatedAlgorithm(init, apply)
-
-
-def _errors(model, params, private, items, ratings, mask):
-    """Per-user sums of squared / absolute errors of clipped predictions, and counts."""
-    rows = gather_rows(params, items)
-    pred = jax.vmap(model.predict, in_axes=(0, 0, None))(private, rows, params["mu"])
-    err = jnp.where(mask, model.clip(pred) - ratings, 0.0)
-    return (jnp.sum(err * err, 1), jnp.sum(jnp.abs(err), 1),
-            jnp.sum(mask.astype(jnp.float32), 1))
-
-
-def _summary(se, ae, count) -> dict:
-    c = jnp.maximum(jnp.sum(count), 1.0)
-    mse = jnp.sum(se) / c
-    return {"eval_loss": mse, "eval_rmse": jnp.sqrt(mse), "eval_mae": jnp.sum(ae) / c}
 
 
 def evaluate_reconstruction(model: MatrixFactorization, *, recon_steps: int,
@@ -226,13 +213,13 @@ def evaluate_reconstruction(model: MatrixFactorization, *, recon_steps: int,
         private, _ = reconstruct(model, recon_optimizer, rows, params["mu"], sp.support,
                                   ratings, sp.n_support, recon_keys, steps=recon_steps,
                                   batch_size=batch_size, unroll=engine.unroll)
-        return _errors(model, params, private, items, ratings, sp.is_query)
+        return rating_errors(model, params, private, items, ratings, sp.is_query)
 
     def evaluate(state, data: dict) -> dict:
         users = jnp.arange(data["n"].shape[0], dtype=jnp.int32)
         out = map_cohort(lambda x, y, n, k: chunk(state.params, x, y, n, k),
                          make_cohort(data, users), (client_keys(key, users),), engine)
-        return _summary(*out)
+        return rating_summary(*out)
 
     return evaluate
 
@@ -255,7 +242,7 @@ def evaluate_train_test(model: MatrixFactorization, *, recon_steps: int,
                                   params["mu"], slots, ratings, n, keys, steps=recon_steps,
                                   batch_size=batch_size, unroll=engine.unroll)
         mask = jnp.arange(t_items.shape[1])[None, :] < t_n[:, None]
-        return _errors(model, params, private, t_items, t_ratings, mask)
+        return rating_errors(model, params, private, t_items, t_ratings, mask)
 
     def evaluate(state, train: dict, test: dict) -> dict:
         U = train["n"].shape[0]
@@ -266,7 +253,7 @@ def evaluate_train_test(model: MatrixFactorization, *, recon_steps: int,
         out = map_cohort(lambda x, y, n, *a: chunk(state.params, x, y, n, *a),
                          make_cohort(train, users),
                          (client_keys(key, users), test["x"], test["y"], test["n"]), engine)
-        return _summary(*out)
+        return rating_summary(*out)
 
     return evaluate
 

@@ -7,10 +7,9 @@ from fedjax_lite.core.local import LocalStats, local_train, local_train_chunk
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, build_round,
                                     client_keys, client_mesh, local_training_chunk,
                                     make_cohort, map_cohort, poisson_bound, round_key,
-                                    sample_cohort, Sampling, scatter_index)
+                                    sample_cohort, Sampling)
 
 __all__ = ["Aggregator", "aggregators", "compression", "Cohort", "EngineOptions", "FederatedAlgorithm", "LocalStats",
            "build_evaluate", "build_round", "client_keys", "client_mesh", "local_train",
            "local_train_chunk", "local_training_chunk", "make_cohort", "map_cohort", "mean",
-           "poisson_bound", "round_key", "sample_cohort", "Sampling", "scatter_index",
-           "weighted_mean"]
+           "poisson_bound", "round_key", "sample_cohort", "Sampling", "weighted_mean"]

@@ -72,7 +72,7 @@ def mean() -> Aggregator:
 # --------------------------------------------------------------------------------------
 
 
-def _flatten(deltas, weights):
+def flatten_updates(deltas, weights):
     """[C, ...] pytree -> (X float[C, D] with non-reporting rows zeroed, mask bool[C], m,
     unravel: float[D] -> pytree of one update)."""
     _, unravel = ravel_pytree(jax.tree.map(lambda d: d[0], deltas))
@@ -83,7 +83,7 @@ def _flatten(deltas, weights):
     return flat, mask, m, unravel
 
 
-def _empty_metrics(m) -> dict:
+def reporting_metrics(m) -> dict:
     return {"num_reporting": m.astype(jnp.float32),
             "no_client_reported": (m == 0).astype(jnp.float32)}
 
@@ -121,14 +121,14 @@ def median() -> Aggregator:
     """
 
     def apply_fn(deltas, weights):
-        flat, mask, m, unravel = _flatten(deltas, weights)
+        flat, mask, m, unravel = flatten_updates(deltas, weights)
         values = _sorted_reporting_first(flat, mask)
         lo = jnp.maximum((m - 1) // 2, 0)
         hi = jnp.maximum(m // 2, 0)
         med = 0.5 * (jax.lax.dynamic_index_in_dim(values, lo, 0, keepdims=False)
                      + jax.lax.dynamic_index_in_dim(values, hi, 0, keepdims=False))
         med = jnp.where(m > 0, med, jnp.zeros((), med.dtype))
-        return unravel(med), _empty_metrics(m)
+        return unravel(med), reporting_metrics(m)
 
     return _stateless(apply_fn)
 
@@ -148,7 +148,7 @@ def trimmed_mean(trim: float) -> Aggregator:
         raise ValueError(f"trimmed_mean: trim must satisfy 0 <= trim < 0.5, got trim={trim}")
 
     def apply_fn(deltas, weights):
-        flat, mask, m, unravel = _flatten(deltas, weights)
+        flat, mask, m, unravel = flatten_updates(deltas, weights)
         num_clients = flat.shape[0]
         # b(m) tabulated in Python (exact float64 floor, like NumPy) for every possible m.
         b_table = jnp.asarray([math.floor(trim * k) for k in range(num_clients + 1)],
@@ -160,7 +160,7 @@ def trimmed_mean(trim: float) -> Aggregator:
         total = jnp.sum(jnp.where(keep, values, jnp.zeros((), values.dtype)), axis=0)
         count = jnp.maximum(m - 2 * b, 1).astype(values.dtype)
         out = jnp.where(m > 0, total / count, jnp.zeros((), values.dtype))
-        metrics = _empty_metrics(m)
+        metrics = reporting_metrics(m)
         metrics["trimmed_per_side"] = b.astype(jnp.float32)
         return unravel(out), metrics
 
@@ -211,11 +211,11 @@ def krum(num_byzantine: int) -> Aggregator:
     num_byzantine = _check_byzantine(num_byzantine)
 
     def apply_fn(deltas, weights):
-        flat, mask, m, unravel = _flatten(deltas, weights)
+        flat, mask, m, unravel = flatten_updates(deltas, weights)
         scores = _krum_scores(flat, mask, m, num_byzantine)
         chosen = jnp.argmin(scores)
         out = jnp.where(m > 0, flat[chosen], jnp.zeros((), flat.dtype))
-        metrics = _empty_metrics(m)
+        metrics = reporting_metrics(m)
         metrics["krum_selected"] = jnp.where(m > 0, chosen, -1).astype(jnp.int32)
         return unravel(out), metrics
 
@@ -237,7 +237,7 @@ def multi_krum(num_byzantine: int, num_selected: int) -> Aggregator:
     num_selected = int(num_selected)
 
     def apply_fn(deltas, weights):
-        flat, mask, m, unravel = _flatten(deltas, weights)
+        flat, mask, m, unravel = flatten_updates(deltas, weights)
         num_clients = flat.shape[0]
         if num_selected > num_clients:
             raise ValueError(f"multi_krum: num_selected={num_selected} exceeds the number "
@@ -251,7 +251,7 @@ def multi_krum(num_byzantine: int, num_selected: int) -> Aggregator:
         total = jnp.sum(jnp.where(selected[:, None], flat, jnp.zeros((), flat.dtype)), axis=0)
         out = jnp.where(count > 0, total / jnp.maximum(count, 1).astype(flat.dtype),
                         jnp.zeros((), flat.dtype))
-        metrics = _empty_metrics(m)
+        metrics = reporting_metrics(m)
         metrics["multi_krum_num_selected"] = count.astype(jnp.float32)
         return unravel(out), metrics
 
@@ -287,7 +287,7 @@ def geometric_median(max_iters: int = 10, eps: float = 1e-5, nu: float = 1e-6) -
     max_iters = int(max_iters)
 
     def apply_fn(deltas, weights):
-        flat, mask, m, unravel = _flatten(deltas, weights)
+        flat, mask, m, unravel = flatten_updates(deltas, weights)
         dtype = flat.dtype
         alphas = jnp.where(mask, jnp.asarray(weights).astype(dtype), jnp.zeros((), dtype))
         total = jnp.sum(alphas)
@@ -321,7 +321,7 @@ def geometric_median(max_iters: int = 10, eps: float = 1e-5, nu: float = 1e-6) -
         iters, z, obj, _ = jax.lax.while_loop(
             cond, body, (jnp.zeros((), jnp.int32), z0, obj0, m == 0))
         z = jnp.where(m > 0, z, jnp.zeros((), dtype))
-        metrics = _empty_metrics(m)
+        metrics = reporting_metrics(m)
         metrics["geomed_iterations"] = iters
         metrics["geomed_objective"] = jnp.where(m > 0, obj, 0.0).astype(jnp.float32)
         return unravel(z), metrics
@@ -352,14 +352,14 @@ def norm_bound(max_norm: float) -> Aggregator:
     max_norm = float(max_norm)
 
     def apply_fn(deltas, weights):
-        flat, mask, m, unravel = _flatten(deltas, weights)
+        flat, mask, m, unravel = flatten_updates(deltas, weights)
         dtype = flat.dtype
         scale, clipped = _clip_scale(flat, mask, max_norm)
         w = jnp.where(mask, jnp.asarray(weights).astype(dtype), jnp.zeros((), dtype))
         total = jnp.sum(w)
         out = ((w * scale.astype(dtype)) @ flat) / jnp.where(total > 0, total, 1.0)
         out = jnp.where(m > 0, out, jnp.zeros((), dtype))
-        metrics = _empty_metrics(m)
+        metrics = reporting_metrics(m)
         metrics["clipped_fraction"] = (jnp.sum(clipped) / jnp.maximum(m, 1)).astype(
             jnp.float32)
         return unravel(out), metrics

@@ -80,12 +80,6 @@ def make_cohort(population: dict, index: jax.Array, mask: jax.Array | None = Non
     return Cohort(population, index, jnp.where(mask, population["n"][index], 0), mask)
 
 
-def scatter_index(cohort: Cohort) -> jax.Array:
-    """Row indices for writing per-client state back with ``.at[...].set(..., mode=
-    'drop')``: padding slots point past the population, so they write nothing."""
-    return jnp.where(cohort.mask, cohort.index, cohort.population["n"].shape[0])
-
-
 def _chunking(num: int, chunk_size: int | None, shards: int) -> tuple[int, int]:
     """(chunks per shard, chunk size) covering ``num`` clients with the least padding."""
     per_shard = -(-num // shards)

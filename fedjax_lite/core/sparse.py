@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.core.aggregators import Aggregator, _empty_metrics
+from fedjax_lite.core.aggregators import Aggregator, reporting_metrics
 
 NORMALIZATIONS = ("raters", "all")
 
@@ -87,7 +87,7 @@ def sparse_mean(num_rows: int, normalize: str = "raters") -> Aggregator:
         for name, values in update.dense.items():
             w = jnp.where(reporting, weights, 0.0).astype(values.dtype)
             out[name] = jnp.tensordot(w, values, axes=1) / jnp.where(total > 0, total, 1.0)
-        metrics = _empty_metrics(jnp.sum(reporting.astype(jnp.int32)))
+        metrics = reporting_metrics(jnp.sum(reporting.astype(jnp.int32)))
         metrics["rows_touched"] = jnp.sum(row_weights(update.index, slot_w, num_rows) > 0
                                           ).astype(jnp.float32)
         return out, state, metrics

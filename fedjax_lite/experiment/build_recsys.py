@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 
 from fedjax_lite.core import EngineOptions, FederatedAlgorithm
-from fedjax_lite.experiment.builders import build_faults, build_optimizer
+from fedjax_lite.experiment.builders import build_faults, build_optimizer, dp_denominator
 from fedjax_lite.experiment.config import Config
 from fedjax_lite.models.mf import MatrixFactorization
 
@@ -45,10 +45,8 @@ def build_recommender(config: Config, model: MatrixFactorization, engine: Engine
     from fedjax_lite.privacy.sparse_dp import dp_sparse_gaussian
     a, g = config.algorithm, config.aggregator
     if g.name == "dp_gaussian":
-        denom = float(a.clients_per_round) * ((1.0 - config.clients.dropout)
-                                              if g.denominator == "expected_reporting" else 1.0)
         aggregator = dp_sparse_gaussian(model.num_items, g.clip_norm,
-                                        privacy.noise_multiplier, denom)
+                                        privacy.noise_multiplier, dp_denominator(config))
     else:
         aggregator = sparse_mean(model.num_items, a.item_aggregation)
     common = dict(client_optimizer=build_optimizer(a.client_optimizer),

@@ -111,6 +111,15 @@ def engine_options(engine: EngineConfig, sizes: np.ndarray | None = None) -> Eng
                          group_by_size=engine.group_by_size)
 
 
+def dp_denominator(config: Config) -> float:
+    """The fixed denominator of the DP mechanisms: ``expected`` = clients_per_round,
+    ``expected_reporting`` = clients_per_round * (1 - clients.dropout)."""
+    C = float(config.algorithm.clients_per_round)
+    if config.aggregator.denominator == "expected_reporting":
+        return C * (1.0 - config.clients.dropout)
+    return C
+
+
 def build_aggregator(config: Config, privacy=None) -> Aggregator:
     """The configured aggregator. DP aggregators take the run's resolved
     ``fedjax_lite.privacy.accounting.PrivacySetup`` (its noise multiplier and DP-FTRL's
@@ -141,8 +150,7 @@ def build_aggregator(config: Config, privacy=None) -> Aggregator:
     if privacy is None:
         privacy = cfg.privacy_setup(config, max(getattr(config.data, "num_clients", 0), C))
     z = privacy.noise_multiplier
-    denom = float(C) * ((1.0 - config.clients.dropout) if g.denominator == "expected_reporting"
-                        else 1.0)
+    denom = dp_denominator(config)
     if g.name == "dp_ftrl":
         return ftrl.dp_ftrl(g.clip_norm, z, denom,
                             restart_every=privacy.restart_every or config.rounds)

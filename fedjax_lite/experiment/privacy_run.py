@@ -67,20 +67,22 @@ class Ledger:
         self._cache: dict[int, float] = {}
         self.overflow_p = 0.0      # per-round probability of a Poisson overflow stop
 
-    def overflow_tail(self, rounds: int) -> float:
-        """The largest per-round overflow probability p whose stop adds at most delta / 10
-        to delta: the run stops (revealing an overflow) with probability <= R p under
-        either neighbour, which turns (eps, delta) into (eps, delta + (1 + e^eps) R p)."""
+    def _stop_cost(self, rounds: int) -> float | None:
+        """(1 + e^eps) R: an overflow stop of per-round probability p turns (eps, delta)
+        into (eps, delta + (1 + e^eps) R p) -- it happens with probability <= R p under
+        either neighbour. None without a guarantee (no noise)."""
         eps = self.epsilon(rounds)
-        if eps is None:            # no noise: no guarantee to protect, the default bound
-            return 1e-12
-        return self.delta / (10.0 * rounds * (1.0 + math.exp(min(eps, 700.0))))
+        return None if eps is None else (1.0 + math.exp(min(eps, 700.0))) * rounds
 
-    def overflow_delta(self, rounds: int) -> float:
-        eps = self.epsilon(rounds)
-        if eps is None:
-            return None
-        return (1.0 + math.exp(min(eps, 700.0))) * rounds * self.overflow_p
+    def overflow_tail(self, rounds: int) -> float:
+        """The largest per-round overflow probability whose stop adds at most delta / 10
+        to delta (no guarantee to protect: the default 1e-12)."""
+        cost = self._stop_cost(rounds)
+        return 1e-12 if cost is None else self.delta / (10.0 * cost)
+
+    def overflow_delta(self, rounds: int) -> float | None:
+        cost = self._stop_cost(rounds)
+        return None if cost is None else cost * self.overflow_p
 
     def epsilon(self, rounds: int) -> float | None:
         """None when there is no guarantee (no noise) after >= 1 round."""

@@ -102,6 +102,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         # keep that below delta / 10
         tail = 1e-12 if ledger is None else min(1e-12, ledger.overflow_tail(config.rounds))
         bound, overflow_p = poisson_bound(K, C / K, tail)
+        least = bound                      # the smallest bound that meets ``tail``
         if config.algorithm.max_cohort_size:
             bound = config.algorithm.max_cohort_size
             overflow_p = poisson_bound_tail(K, C / K, bound)
@@ -109,7 +110,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                 raise cfg.ConfigError(
                     f"config key 'algorithm.max_cohort_size': {bound} is exceeded with "
                     f"probability {overflow_p:.2g} per round, which would add more than "
-                    f"delta / 10 to delta; use at least {poisson_bound(K, C / K, tail)[0]} "
+                    f"delta / 10 to delta; use at least {least} "
                     "or leave it null")
         if ledger is not None:
             ledger.overflow_p = overflow_p
@@ -248,10 +249,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             if done % config.eval_every == 0 or done == config.rounds:
                 last_row = eval_row(done, state, window)
                 window = dict(empty_window)
-                shown = ({"loss": f"{loss:.4f}"} if show_loss
+                shown = ({"loss": f"{loss:.4f}", "cps": f"{C / dt:,.0f}"} if show_loss
                          else {"eps": f"{last_row.get('epsilon') or float('inf'):.3g}"})
-                if show_loss:
-                    shown["cps"] = f"{C / dt:,.0f}"
                 main_metric = "eval_rmse" if recommender else "eval_accuracy"
                 shown[main_metric[5:]] = f"{last_row[main_metric]:.4f}"
                 bar.set_postfix(**shown, refresh=False)

@@ -72,14 +72,22 @@ def gather_rows(params: dict, items: jax.Array) -> dict:
 
 
 def rating_errors(model: MatrixFactorization, params: dict, private: dict,
-                  items: jax.Array, ratings: jax.Array, mask: jax.Array) -> dict:
-    """Sums over users' real slots of the clipped prediction's squared and absolute
-    errors and the count: private leaves [U, ...], items/ratings/mask [U, N]."""
+                  items: jax.Array, ratings: jax.Array, mask: jax.Array):
+    """Per-user sums over real slots of the clipped prediction's squared and absolute
+    errors, and the counts (each float[U]): private leaves [U, ...], items/ratings/mask
+    [U, N]."""
     rows = gather_rows(params, items)
     pred = jax.vmap(model.predict, in_axes=(0, 0, None))(private, rows, params["mu"])
     err = jnp.where(mask, model.clip(pred) - ratings, 0.0)
-    return {"se": jnp.sum(err * err), "ae": jnp.sum(jnp.abs(err)),
-            "count": jnp.sum(mask.astype(jnp.float32))}
+    return (jnp.sum(err * err, 1), jnp.sum(jnp.abs(err), 1),
+            jnp.sum(mask.astype(jnp.float32), 1))
 
 
-__all__ = ["MatrixFactorization", "gather_rows", "rating_errors"]
+def rating_summary(se: jax.Array, ae: jax.Array, count: jax.Array) -> dict:
+    """{eval_loss (MSE), eval_rmse, eval_mae} over all rated slots from per-user sums."""
+    c = jnp.maximum(jnp.sum(count), 1.0)
+    mse = jnp.sum(se) / c
+    return {"eval_loss": mse, "eval_rmse": jnp.sqrt(mse), "eval_mae": jnp.sum(ae) / c}
+
+
+__all__ = ["MatrixFactorization", "gather_rows", "rating_errors", "rating_summary"]

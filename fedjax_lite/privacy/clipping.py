@@ -55,10 +55,22 @@ def clip_rows(flat: jax.Array, mask: jax.Array, clip_norm) -> Clipped:
     return Clipped(rows, over, mask & ~finite, norms)
 
 
+def clip_metrics(clipped: Clipped, m: jax.Array) -> dict:
+    """Round metrics of a clip over ``m`` reporting clients: ``clipped_fraction`` and
+    ``nonfinite_clients`` (both NOT private: diagnostics), ``num_reporting``,
+    ``no_client_reported``."""
+    m_f = m.astype(jnp.float32)
+    return {"clipped_fraction": jnp.sum(clipped.clipped).astype(jnp.float32)
+            / jnp.maximum(m_f, 1.0),
+            "nonfinite_clients": jnp.sum(clipped.nonfinite).astype(jnp.float32),
+            "num_reporting": m_f,
+            "no_client_reported": (m == 0).astype(jnp.float32)}
+
+
 def _pow2(k: jax.Array, dtype) -> jax.Array:
     """2.0 ** k exactly, for integer k with a normal float result (|k| <= 126)."""
     bits = jnp.left_shift((k + 127).astype(jnp.int32), 23)
     return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
 
 
-__all__ = ["Clipped", "clip_rows"]
+__all__ = ["Clipped", "clip_metrics", "clip_rows"]

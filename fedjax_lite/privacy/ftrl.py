@@ -52,8 +52,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fedjax_lite.core.aggregators import Aggregator
-from fedjax_lite.privacy.clipping import clip_rows
+from fedjax_lite.core.aggregators import Aggregator, flatten_updates
+from fedjax_lite.privacy.clipping import clip_metrics, clip_rows
 # the round's node noise is drawn from the same key stream as the Gaussian mechanism's
 from fedjax_lite.privacy.gaussian import DP_NOISE_STREAM
 
@@ -137,10 +137,7 @@ def dp_ftrl(clip_norm: float, noise_multiplier: float, expected_clients: float, 
                          jnp.zeros(flat.shape, flat.dtype))
 
     def apply(deltas, weights, state, key):
-        _, unravel = ravel_pytree(jax.tree.map(lambda d: d[0], deltas))
-        flat = jax.vmap(lambda u: ravel_pytree(u)[0])(deltas)
-        mask = jnp.asarray(weights) > 0
-        m = jnp.sum(mask.astype(jnp.int32))
+        flat, mask, m, unravel = flatten_updates(deltas, weights)
         dtype = flat.dtype
         clipped = clip_rows(flat, mask, S)
         leaf = jnp.sum(clipped.rows, axis=0)                      # g_t
@@ -162,16 +159,11 @@ def dp_ftrl(clip_norm: float, noise_multiplier: float, expected_clients: float, 
         noise = bits @ nodes                                      # n_t
         out = (leaf + (noise - prev)) / denom
 
-        m_f = m.astype(jnp.float32)
         metrics = {
             "clip_norm": jnp.asarray(S, jnp.float32),
             "tree_round": t.astype(jnp.float32),
             "noise_std": (z * S / denom) * jnp.sqrt(popcount[t]),
-            "clipped_fraction": jnp.sum(clipped.clipped).astype(jnp.float32)
-            / jnp.maximum(m_f, 1.0),
-            "nonfinite_clients": jnp.sum(clipped.nonfinite).astype(jnp.float32),
-            "num_reporting": m_f,
-            "no_client_reported": (m == 0).astype(jnp.float32),
+            **clip_metrics(clipped, m),
         }
         return unravel(out), TreeState(t.astype(jnp.int32), nodes, noise), metrics
 

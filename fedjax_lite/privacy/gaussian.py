@@ -69,10 +69,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from fedjax_lite.core.aggregators import Aggregator
-from fedjax_lite.privacy.clipping import clip_rows
+from fedjax_lite.core.aggregators import Aggregator, flatten_updates
+from fedjax_lite.privacy.clipping import clip_metrics, clip_rows
 
 # Stream constants folded into the round's aggregation key. DP_NOISE_STREAM is the one the
 # earlier dp_gaussian used for its update noise: keep it, so that noise stays as before.
@@ -126,14 +125,6 @@ def _check_positive(name: str, value: float) -> float:
     return float(value)
 
 
-def _flatten(deltas, weights):
-    """[C, ...] pytree -> (float[C, D], reporting bool[C], #reporting int32[], unravel)."""
-    _, unravel = ravel_pytree(jax.tree.map(lambda d: d[0], deltas))
-    flat = jax.vmap(lambda t: ravel_pytree(t)[0])(deltas)
-    mask = jnp.asarray(weights) > 0
-    return flat, mask, jnp.sum(mask.astype(jnp.int32)), unravel
-
-
 def dp_gaussian(clip_norm: float, noise_multiplier: float, expected_clients: float, *,
                 adaptive: AdaptiveClipping | None = None) -> Aggregator:
     """DP-FedAvg's Gaussian mechanism (see the module docstring for the privacy model).
@@ -184,7 +175,7 @@ def dp_gaussian(clip_norm: float, noise_multiplier: float, expected_clients: flo
         return AdaptiveClipState(jnp.asarray(S0, jnp.float32))
 
     def apply(deltas, weights, state, key):
-        flat, mask, m, unravel = _flatten(deltas, weights)
+        flat, mask, m, unravel = flatten_updates(deltas, weights)
         dtype = flat.dtype
         s_t = S0 if adaptive is None else state.clip_norm
         clipped = clip_rows(flat, mask, s_t)
@@ -202,11 +193,7 @@ def dp_gaussian(clip_norm: float, noise_multiplier: float, expected_clients: flo
         metrics = {
             "clip_norm": jnp.asarray(s_t, jnp.float32),
             "noise_std": jnp.asarray(z_delta * s_t / denom, jnp.float32),
-            "clipped_fraction": jnp.sum(clipped.clipped).astype(jnp.float32)
-            / jnp.maximum(m_f, 1.0),
-            "nonfinite_clients": jnp.sum(clipped.nonfinite).astype(jnp.float32),
-            "num_reporting": m_f,
-            "no_client_reported": (m == 0).astype(jnp.float32),
+            **clip_metrics(clipped, m),
         }
         if adaptive is not None:
             unclipped = mask & ~clipped.clipped            # b_k, reporting clients only

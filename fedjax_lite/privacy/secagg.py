@@ -67,9 +67,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from fedjax_lite.core.aggregators import Aggregator
+from fedjax_lite.core.aggregators import Aggregator, flatten_updates, reporting_metrics
 from fedjax_lite.privacy.clipping import clip_rows
 from fedjax_lite.privacy.fixed_point import (check_bits, check_clip, decode_mean, encode,
                                              modulus_bits, modulus_mask)
@@ -232,14 +231,6 @@ def protocol_bytes_per_client(num_clients: int, num_reporting, dim: int, bits: i
     return jnp.asarray(per_slot, jnp.float32)
 
 
-def _flatten(deltas, weights):
-    """[C, ...] pytree -> (float[C, D], reporting bool[C], #reporting int32[], unravel)."""
-    _, unravel = ravel_pytree(jax.tree.map(lambda d: d[0], deltas))
-    flat = jax.vmap(lambda t: ravel_pytree(t)[0])(deltas)
-    mask = jnp.asarray(weights) > 0
-    return flat, mask, jnp.sum(mask.astype(jnp.int32)), unravel
-
-
 def _secure_round(rows, mask, m, key, clip, bits, min_survivors, neighbors):
     """Encode ``rows`` [C, D] in [-clip, clip], run the protocol, decode the mean over
     survivors (0 if aborted). Returns (mean float32[D], aborted, metrics)."""
@@ -254,8 +245,7 @@ def _secure_round(rows, mask, m, key, clip, bits, min_survivors, neighbors):
     released = ~result.aborted & (m > 0)
     mean = jnp.where(released, decode_mean(result.total, m, clip, bits), 0.0)
     metrics = {
-        "num_reporting": m.astype(jnp.float32),
-        "no_client_reported": (m == 0).astype(jnp.float32),
+        **reporting_metrics(m),
         "secagg_aborted": result.aborted.astype(jnp.float32),
         "secagg_bytes_per_client": jnp.asarray(r * dim / 8.0, jnp.float32),
         "secagg_protocol_bytes_per_client": protocol_bytes_per_client(
@@ -297,7 +287,7 @@ def secure_mean(clip_value: float, bits: int = 16, *, min_survivors: int,
     _check_static(bits, min_survivors, neighbors)
 
     def apply(deltas, weights, state, key):
-        flat, mask, m, unravel = _flatten(deltas, weights)
+        flat, mask, m, unravel = flatten_updates(deltas, weights)
         mean, _, metrics = _secure_round(flat, mask, m, key, c, bits, min_survivors,
                                          neighbors)
         altered = mask[:, None] & ~(jnp.abs(flat) <= c)          # NaN compares False
@@ -349,7 +339,7 @@ def dp_secure_mean(clip_norm: float, noise_multiplier: float, expected_clients: 
     _check_static(bits, min_survivors, neighbors)
 
     def apply(deltas, weights, state, key):
-        flat, mask, m, unravel = _flatten(deltas, weights)
+        flat, mask, m, unravel = flatten_updates(deltas, weights)
         clipped = clip_rows(flat.astype(jnp.float32), mask, S)
         mean, aborted, metrics = _secure_round(clipped.rows, mask, m, key, S, bits,
                                                min_survivors, neighbors)

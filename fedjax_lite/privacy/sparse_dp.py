@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.core.aggregators import Aggregator, _empty_metrics
+from fedjax_lite.core.aggregators import Aggregator, reporting_metrics
 from fedjax_lite.core.sparse import SparseUpdate, flatten_update, scatter_rows
 from fedjax_lite.privacy.clipping import clip_rows
 from fedjax_lite.privacy.gaussian import DP_NOISE_STREAM
@@ -68,7 +68,7 @@ def dp_sparse_gaussian(num_rows: int, clip_norm: float, noise_multiplier: float,
             noise = jax.random.normal(keys[name], summed.shape, summed.dtype) * (z * S)
             out[name] = (summed + noise) / m
         count = jnp.sum(reporting.astype(jnp.int32))
-        metrics = _empty_metrics(count)
+        metrics = reporting_metrics(count)
         metrics["clipped_fraction"] = (jnp.sum(clipped.clipped) / jnp.maximum(count, 1)
                                        ).astype(jnp.float32)
         metrics["noise_std"] = jnp.asarray(z * S / m, jnp.float32)
