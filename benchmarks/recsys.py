@@ -233,7 +233,7 @@ def run_workload(raw: dict, data_path: str, args) -> dict:
                               else [str(d) for d in engine.mesh.devices]}
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
     model = build_recsys.build_mf(config, train)
-    algorithm = build_recsys.build_recommender(config, model, engine, num_users=U,
+    algorithm = build_recsys.build_recommender(config, model, engine, train=train,
                                                init_key=init_key)     # the runner's builder
     state0 = algorithm.init(model.init_global(init_key))
     where = (NamedSharding(engine.mesh, PartitionSpec()) if engine.mesh is not None
@@ -455,7 +455,8 @@ def make_data(raw: dict, path: str) -> dict:
     configure_host()
     from fedjax_lite.experiment import build_recsys, config as cfg
     t0 = time.perf_counter()
-    train, _, split = build_recsys.build_ratings_data(cfg.parse(raw))
+    data = build_recsys.build_ratings_data(cfg.parse(raw))
+    train, split = data.train, data.split
     gen_s = time.perf_counter() - t0
     np.savez(path, item=train.item, rating=train.rating, n=train.n, user_ids=train.user_ids,
              num_items=np.int64(train.num_items), scale=np.asarray(train.scale))

@@ -224,39 +224,55 @@ def evaluate_reconstruction(model: MatrixFactorization, *, recon_steps: int,
     return evaluate
 
 
+def reconstruct_users(model: MatrixFactorization, *, recon_steps: int,
+                      recon_optimizer: optax.GradientTransformation, batch_size: int,
+                      key: jax.Array, engine: EngineOptions = EngineOptions()):
+    """``factors(params, train) -> {'user' [U, k], 'user_bias' [U]}``: every user of
+    ``train`` ({x, y, n}) reconstructs (p_u, b_u) from ALL its training ratings (the
+    support set) with the global parameters frozen. A user without training ratings keeps
+    the init (zeros)."""
+    def chunk(params, items, ratings, n, keys):
+        K, N = items.shape
+        slots = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (K, N))
+        private, _ = reconstruct(model, recon_optimizer, gather_rows(params, items),
+                                  params["mu"], slots, ratings, n, keys, steps=recon_steps,
+                                  batch_size=batch_size, unroll=engine.unroll)
+        return private
+
+    def factors(params, train: dict) -> dict:
+        users = jnp.arange(train["n"].shape[0], dtype=jnp.int32)
+        return map_cohort(lambda x, y, n, k: chunk(params, x, y, n, k),
+                          make_cohort(train, users), (client_keys(key, users),), engine)
+
+    return factors
+
+
 def evaluate_train_test(model: MatrixFactorization, *, recon_steps: int,
                         recon_optimizer: optax.GradientTransformation, batch_size: int,
                         support_fraction: float | None = None, key: jax.Array,
                         engine: EngineOptions = EngineOptions()):
     """``evaluate(state, train, test) -> {eval_loss, eval_rmse, eval_mae}`` for training
     users (row u of ``train`` and ``test`` = the same user): (p_u, b_u) are reconstructed
-    from ALL of u's training ratings (the support set; ``support_fraction`` is unused,
-    kept for a signature like :func:`evaluate_reconstruction`'s), then u's test ratings
-    are predicted. A user without training ratings is predicted from the init."""
+    from ALL of u's training ratings (:func:`reconstruct_users`; ``support_fraction`` is
+    unused, kept for a signature like :func:`evaluate_reconstruction`'s), then u's test
+    ratings are predicted."""
     del support_fraction
-
-    def chunk(params, items, ratings, n, keys, t_items, t_ratings, t_n):
-        K, N = items.shape
-        slots = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (K, N))
-        private, _ = reconstruct(model, recon_optimizer, gather_rows(params, items),
-                                  params["mu"], slots, ratings, n, keys, steps=recon_steps,
-                                  batch_size=batch_size, unroll=engine.unroll)
-        mask = jnp.arange(t_items.shape[1])[None, :] < t_n[:, None]
-        return rating_errors(model, params, private, t_items, t_ratings, mask)
+    factors = reconstruct_users(model, recon_steps=recon_steps,
+                                recon_optimizer=recon_optimizer, batch_size=batch_size,
+                                key=key, engine=engine)
 
     def evaluate(state, train: dict, test: dict) -> dict:
         U = train["n"].shape[0]
         if test["n"].shape[0] != U:                                # static: trace time
             raise ValueError(f"evaluate_train_test: train has {U} users, test has "
                              f"{test['n'].shape[0]}; row u must be the same user in both")
-        users = jnp.arange(U, dtype=jnp.int32)
-        out = map_cohort(lambda x, y, n, *a: chunk(state.params, x, y, n, *a),
-                         make_cohort(train, users),
-                         (client_keys(key, users), test["x"], test["y"], test["n"]), engine)
-        return rating_summary(*out)
+        mask = jnp.arange(test["x"].shape[1])[None, :] < test["n"][:, None]
+        return rating_summary(*rating_errors(model, state.params,
+                                             factors(state.params, train), test["x"],
+                                             test["y"], mask))
 
     return evaluate
 
 
 __all__ = ["Split", "evaluate_reconstruction", "evaluate_train_test", "fedrecon",
-           "reconstruct", "support_query_split"]
+           "reconstruct", "reconstruct_users", "support_query_split"]

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                           aggregators=split(args.aggregators), seeds=args.seeds,
                           target_accuracy=args.target_accuracy,
                           progress=not args.no_progress)
-            print(markdown_table(doc["table"], args.target_accuracy, args.seeds), end="")
+            print(markdown_table(doc["table"], args.target_accuracy, args.seeds,
+                                 doc["metrics"]), end="")
             return 0
         summary = run(config, args.out, resume=args.resume, progress=not args.no_progress)
     except cfg.ConfigError as e:
@@ -157,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedjax-lite: diverged: {e}", file=sys.stderr)
         return 3
     final = summary["final"]
-    headline = ({"eval_rmse": final.get("eval_rmse"), "eval_mae": final.get("eval_mae")}
-                if "eval_rmse" in final else {"eval_accuracy": final.get("eval_accuracy")})
+    ranked = {k: final[k] for k in ("eval_hr10", "eval_ndcg10", "eval_hr10_full",
+                                    "eval_ndcg10_full") if k in final}
+    headline = ({"eval_rmse": final.get("eval_rmse"), "eval_mae": final.get("eval_mae"),
+                 **ranked} if "eval_rmse" in final else ranked if ranked
+                else {"eval_accuracy": final.get("eval_accuracy")})
     print(json.dumps({"round": final.get("round"), **headline,
                       "eval_loss": final.get("eval_loss"),
                       "clients_per_s": summary["clients_per_s"],

@@ -34,6 +34,10 @@ def method_raw(raw: dict, algorithm: str, aggregator: str | None) -> dict:
     if expected is not None and isinstance(server, dict) and server.get("name") != expected.name:
         algo.pop("server_optimizer")
     raw["algorithm"] = algo
+    if algorithm in cfg.RECOMMENDATION_BASELINES:   # non-federated: nothing to aggregate
+        raw["aggregator"] = {"name": "mean"}
+        raw.pop("privacy", None)
+        aggregator = None
     if aggregator is not None:
         agg = dict(raw.get("aggregator") or {})
         agg["name"] = aggregator
@@ -110,16 +114,16 @@ def compare(raw: dict, out_dir: str, *, algorithms: list[str],
             "seed": config.seed, "summary": summary, "rows": rows,
             "rounds_to_target": rounds_to_target(rows, target_accuracy)})
 
+    metrics = _metric_names(results)
     table = []
     for label, seed_runs in results.items():
-        acc = _mean_std([r["summary"]["final"].get("eval_accuracy") for r in seed_runs])
-        loss = _mean_std([r["summary"]["final"].get("eval_loss") for r in seed_runs])
         reached = [r["rounds_to_target"] for r in seed_runs]
+        row = {"method": label, "seeds": [r["seed"] for r in seed_runs]}
+        for name in metrics:
+            mean, std = _mean_std([r["summary"]["final"].get(name) for r in seed_runs])
+            row[f"final_{name}_mean"], row[f"final_{name}_std"] = mean, std
         table.append({
-            "method": label, "seeds": [r["seed"] for r in seed_runs],
-            "final_eval_accuracy_mean": acc[0], "final_eval_accuracy_std": acc[1],
-            "final_eval_loss_mean": loss[0], "final_eval_loss_std": loss[1],
-            "rounds_to_target": reached,
+            **row, "rounds_to_target": reached,
             "wall_s_mean": float(np.mean([r["summary"]["wall_s"] for r in seed_runs])),
             "clients_per_s_mean": float(np.mean([r["summary"]["clients_per_s"] or 0
                                                  for r in seed_runs])),
@@ -128,18 +132,39 @@ def compare(raw: dict, out_dir: str, *, algorithms: list[str],
         })
     doc = {"algorithms": algorithms, "aggregators": aggregators, "seeds": seeds,
            "target_accuracy": target_accuracy, "rounds": runs[0][2].rounds,
-           "table": table,
+           "metrics": metrics, "table": table,
            "curves": {label: [{"seed": r["seed"],
                                "round": [row["round"] for row in r["rows"]],
-                               "eval_accuracy": [row["eval_accuracy"] for row in r["rows"]],
-                               "eval_loss": [row["eval_loss"] for row in r["rows"]]}
+                               **{name: [row.get(name) for row in r["rows"]]
+                                  for name in metrics}}
                               for r in seed_runs]
                       for label, seed_runs in results.items()}}
+    if "local_only" in results and len(results) > 1:
+        from fedjax_lite.experiment.compare_recsys import per_user_vs_local_only
+        doc["per_user_vs_local_only"] = per_user_vs_local_only(out_dir, results, runs)
     write_json(os.path.join(out_dir, "comparison.json"), doc)
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
-        f.write(markdown_table(table, target_accuracy, seeds))
+        f.write(markdown_table(table, target_accuracy, seeds, metrics))
+        if doc.get("per_user_vs_local_only"):
+            from fedjax_lite.experiment.compare_recsys import per_user_markdown
+            f.write("\n" + per_user_markdown(doc["per_user_vs_local_only"]))
     plot_comparison(os.path.join(out_dir, "comparison.png"), doc)
+    if doc.get("per_user_vs_local_only"):
+        from fedjax_lite.experiment.compare_recsys import plot_per_user
+        plot_per_user(os.path.join(out_dir, "per_user.png"), out_dir, results, runs)
     return doc
+
+
+# the evaluation metrics a comparison reports, in this order, when the runs have them
+REPORTED = ("eval_accuracy", "eval_rmse", "eval_mae", "eval_hr10", "eval_ndcg10",
+            "eval_hr10_full", "eval_ndcg10_full", "eval_loss")
+LOWER_IS_BETTER = ("eval_rmse", "eval_mae", "eval_loss")
+
+
+def _metric_names(results: dict) -> list[str]:
+    present = {k for seed_runs in results.values() for r in seed_runs
+               for k, v in r["summary"]["final"].items() if v is not None}
+    return [k for k in REPORTED if k in present]
 
 
 def _epsilon(seed_runs: list[dict]) -> float | None:
@@ -152,10 +177,19 @@ def _pm(mean, std, digits=4) -> str:
     return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown_table(table: list[dict], target: float | None, seeds: int) -> str:
-    head = ["method", f"final eval accuracy (mean ± std, {seeds} seed{'s' * (seeds > 1)})",
-            "final eval loss", f"rounds to {target:g} accuracy" if target is not None
-            else "rounds to target", "wall s", "clients/s", "epsilon"]
+_LABEL = {"eval_accuracy": "final eval accuracy", "eval_loss": "final eval loss",
+          "eval_rmse": "final RMSE", "eval_mae": "final MAE", "eval_hr10": "HR@10",
+          "eval_ndcg10": "NDCG@10", "eval_hr10_full": "HR@10 full",
+          "eval_ndcg10_full": "NDCG@10 full"}
+
+
+def markdown_table(table: list[dict], target: float | None, seeds: int,
+                   metrics: list[str] = ("eval_accuracy", "eval_loss")) -> str:
+    first = f" (mean ± std, {seeds} seed{'s' * (seeds > 1)})"
+    head = (["method"] + [_LABEL.get(m, m) + (first if i == 0 else "")
+                          for i, m in enumerate(metrics)]
+            + [f"rounds to {target:g} accuracy" if target is not None else "rounds to target",
+               "wall s", "clients/s", "epsilon"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         reached = row["rounds_to_target"]
@@ -166,11 +200,11 @@ def markdown_table(table: list[dict], target: float | None, seeds: int) -> str:
             to_target = (f"{np.mean(got):.0f}" if len(got) == len(reached) else
                          f"{np.mean(got):.0f} ({len(got)}/{len(reached)} seeds)" if got
                          else "not reached")
-        lines.append("| " + " | ".join([
-            row["method"], _pm(row["final_eval_accuracy_mean"], row["final_eval_accuracy_std"]),
-            _pm(row["final_eval_loss_mean"], row["final_eval_loss_std"]), to_target,
-            f"{row['wall_s_mean']:.1f}", f"{row['clients_per_s_mean']:,.0f}",
-            "-" if row.get("epsilon") is None else f"{row['epsilon']:.3g}"]) + " |")
+        lines.append("| " + " | ".join(
+            [row["method"]]
+            + [_pm(row.get(f"final_{m}_mean"), row.get(f"final_{m}_std")) for m in metrics]
+            + [to_target, f"{row['wall_s_mean']:.1f}", f"{row['clients_per_s_mean']:,.0f}",
+               "-" if row.get("epsilon") is None else f"{row['epsilon']:.3g}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,9 +213,13 @@ def plot_comparison(path: str, doc: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    metrics = doc.get("metrics") or ["eval_accuracy", "eval_loss"]
+    shown = (metrics[:1] + [m for m in metrics[1:] if m in ("eval_loss", "eval_hr10_full",
+                                                            "eval_mae")][:1])[:2]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
+    axes = axes[0]
     for label, seed_curves in doc["curves"].items():
-        for ax, key in zip(axes, ("eval_accuracy", "eval_loss")):
+        for ax, key in zip(axes, shown):
             rounds = seed_curves[0]["round"]
             values = np.array([[np.nan if v is None else v for v in c[key]]
                                for c in seed_curves if c["round"] == rounds], float)
@@ -190,9 +228,9 @@ def plot_comparison(path: str, doc: dict) -> None:
             if len(values) > 1:
                 ax.fill_between(rounds, np.nanmin(values, 0), np.nanmax(values, 0),
                                 color=line.get_color(), alpha=0.2)
-    axes[0].set_ylabel("eval accuracy")
-    axes[1].set_ylabel("eval loss")
-    if doc.get("target_accuracy") is not None:
+    for ax, key in zip(axes, shown):
+        ax.set_ylabel(_LABEL.get(key, key).replace("final ", ""))
+    if doc.get("target_accuracy") is not None and shown[0] == "eval_accuracy":
         axes[0].axhline(doc["target_accuracy"], color="gray", ls=":", lw=1)
     for ax in axes:
         ax.set_xlabel("round")

@@ -27,7 +27,8 @@ from fedjax_lite.experiment.config_schema import (AGGREGATOR_KEYS, ALGORITHM_ONL
                                                   AggregatorConfig, AlgorithmConfig,
                                                   CompressionConfig, Config, ConfigError,
                                                   NpzData, OptimizerConfig,
-                                                  RATINGS_DATA, RECOMMENDATION_ALGORITHMS)
+                                                  RATINGS_DATA, RECOMMENDATION_ALGORITHMS,
+                                                  RECOMMENDATION_BASELINES)
 
 
 # ------------------------------------------------------------------------ parsing
@@ -265,6 +266,10 @@ def parse(raw: dict) -> Config:
               AGGREGATOR_KEYS)
     _only_for(raw.get("compression") or {}, "compression", config.compression.kind,
               COMPRESSION_KEYS, field="kind")
+    if name in RECOMMENDATION_BASELINES and config.aggregator.name != "mean":
+        raise ConfigError(f"config key 'aggregator.name': {name} is a non-federated "
+                          "reference and aggregates nothing; leave the aggregator at mean "
+                          f"(got {config.aggregator.name!r})")
     if name in SERVER_OPTIMIZER_OF:
         expected = SERVER_OPTIMIZER_OF[name]
         given = algo_raw.get("server_optimizer")
@@ -338,7 +343,14 @@ def _check_recommendation(config: Config) -> None:
             f"{config.data.kind!r}, model {config.model.kind!r}, algorithm "
             f"{config.algorithm.name!r}")
     if not rec:
+        if config.eval.ranking:
+            raise ConfigError("config key 'eval.ranking': ranking metrics are defined for "
+                              "the recommenders (ratings data), not "
+                              f"{config.algorithm.name!r}")
         return
+    if config.model.objective == "bce" and not config.eval.ranking:
+        raise ConfigError("config key 'model.objective': bce (implicit feedback) is "
+                          "evaluated by ranking; set eval.ranking: true")
     if config.data.kind == "movielens" and not config.data.path:
         raise ConfigError("config key 'data.path' is required for data kind 'movielens' (a "
                           "directory as GroupLens distributes it, e.g. ml-100k/)")

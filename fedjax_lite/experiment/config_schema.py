@@ -127,6 +127,11 @@ class MatrixFactorizationModel:
     dim: int = field(default=32, metadata=_POS_INT)
     l2: float = field(default=0.02, metadata=_NONNEG)
     init_scale: float = field(default=0.1, metadata=_POS)
+    # mse: explicit ratings (Koren et al.); bce: implicit feedback -- every rated item is a
+    # positive, train_negatives unrated items per positive (drawn once per run) are
+    # negatives, binary cross-entropy on the score (evaluated by ranking: eval.ranking)
+    objective: Literal["mse", "bce"] = "mse"
+    train_negatives: int = field(default=4, metadata=_POS_INT)
 
 
 ModelConfig = Union[LogisticRegressionModel, MultinomialLogisticRegressionModel,
@@ -146,8 +151,11 @@ class OptimizerConfig:
 
 
 ALGORITHMS = ("fedavg", "fedsgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox",
-              "scaffold", "fednova", "fcf", "fedrecon")
-RECOMMENDATION_ALGORITHMS = ("fcf", "fedrecon")
+              "scaffold", "fednova", "fcf", "fedrecon", "centralized", "local_only")
+# centralized (all ratings pooled) and local_only (every user alone): the non-federated
+# upper and lower references of a recommender, on the same model, data and round loop
+RECOMMENDATION_ALGORITHMS = ("fcf", "fedrecon", "centralized", "local_only")
+RECOMMENDATION_BASELINES = ("centralized", "local_only")
 
 # FedOpt family: FedAvg with this server optimizer (Hsu et al. 2019; Reddi et al. 2021).
 # Defaults follow Reddi et al.'s search grids' typical values; tau = eps = 1e-3.
@@ -330,6 +338,18 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """What each evaluation row measures besides the model's loss.
+
+    ranking (recommenders): HR@10 / NDCG@10 of each held-out item among ``negatives``
+    items the user never rated (sampled once per run; He et al. 2017) and among all of
+    them (Krichene and Rendle 2020): eval_hr10, eval_ndcg10, eval_hr10_full,
+    eval_ndcg10_full."""
+    ranking: bool = False
+    negatives: int = field(default=99, metadata=_POS_INT)
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = field(default=0, metadata=_NONNEG_INT)
     rounds: int = field(default=100, metadata=_POS_INT)
@@ -344,6 +364,7 @@ class Config:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def is_private(self) -> bool:

@@ -65,6 +65,15 @@ def save_params(path: str, params) -> None:
     os.replace(tmp, path)
 
 
+def save_per_user(path: str, sums: dict, user_ids) -> None:
+    """Per-user held-out sums of a recommender's last evaluation (``se``, ``ae``,
+    ``count``; ``hits``, ``ndcg``, ``ranked`` with ranking) and the users' source ids."""
+    arrays = {k: np.asarray(v) for k, v in sums.items()}
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, user_ids=np.asarray(user_ids), **arrays)
+    os.replace(tmp, path)
+
+
 def _key_name(k) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
@@ -85,7 +94,11 @@ def plot_curves(path: str, rows: list[dict], title: str = "") -> None:
             axes[0].plot(*zip(*pts), marker=".", label=label)
     axes[0].set_xlabel("round"); axes[0].set_ylabel("loss"); axes[0].legend()
     ratings = any(r.get("eval_rmse") is not None for r in rows)
+    ranking = not ratings and any(r.get("eval_hr10") is not None for r in rows)
     panel = ((("eval_rmse", "RMSE"), ("eval_mae", "MAE")) if ratings else
+             (("eval_hr10", "HR@10 (99 sampled)"), ("eval_ndcg10", "NDCG@10 (99 sampled)"),
+              ("eval_hr10_full", "HR@10 (full)"), ("eval_ndcg10_full", "NDCG@10 (full)"))
+             if ranking else
              (("eval_accuracy", "example-weighted"), ("eval_accuracy_client_mean",
                                                       "client mean")))
     for key, label in panel:
@@ -93,7 +106,8 @@ def plot_curves(path: str, rows: list[dict], title: str = "") -> None:
         if pts:
             axes[1].plot(*zip(*pts), marker=".", label=label)
     axes[1].set_xlabel("round")
-    axes[1].set_ylabel("held-out rating error" if ratings else "eval accuracy")
+    axes[1].set_ylabel("held-out rating error" if ratings else "held-out ranking"
+                       if ranking else "eval accuracy")
     axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -29,7 +29,7 @@ from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm
                                              build_model, engine_options)
 from fedjax_lite.experiment.checkpoint import Checkpointer
 from fedjax_lite.experiment.outputs import (MetricsWriter, plot_curves, read_metrics,
-                                            save_params, write_json)
+                                            save_params, save_per_user, write_json)
 
 
 class DataError(ValueError):
@@ -83,7 +83,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     recommender = config.algorithm.name in cfg.RECOMMENDATION_ALGORITHMS
     try:
         if recommender:
-            train, test, _ = build_recsys.build_ratings_data(config)
+            rec_data = build_recsys.build_ratings_data(config)
+            train, test = rec_data.train, rec_data.test
         else:
             train, test = build_data(config)
     except (ValueError, FileNotFoundError) as e:
@@ -120,7 +121,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     try:
         if recommender:
             model = build_recsys.build_mf(config, train)
-            algorithm = build_recsys.build_recommender(config, model, engine, num_users=K,
+            algorithm = build_recsys.build_recommender(config, model, engine, train=train,
                                                        init_key=init_key, privacy=setup)
         else:
             model = build_model(config, train.feature_shape)
@@ -147,10 +148,17 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     round_fn = jax.jit(build_round(algorithm, num_clients=K, clients_per_round=C,
                                    sampling=sampling)).lower(
         state, population, round_key(run_key, 0)).compile()
+    per_user = {}          # the last evaluation's per-user sums (recommenders)
     if recommender:      # RMSE needs the users' private factors (or their reconstruction)
-        rating_eval = build_recsys.build_rating_evaluation(config, model, init_key)
-        compiled = jax.jit(rating_eval).lower(state, population, test_data).compile()
-        evaluate = lambda st, data: compiled(st, population, data)
+        rec_eval = build_recsys.build_evaluation(config, model, init_key, engine)
+        rec_inputs = jax.device_put(({"x": rec_data.rated.item, "n": rec_data.rated.n},
+                                     rec_data.negatives), where)
+        compiled = jax.jit(rec_eval).lower(state, population, test_data,
+                                           *rec_inputs).compile()
+
+        def evaluate(st, data):
+            metrics, per_user["last"] = compiled(st, population, data, *rec_inputs)
+            return metrics
     else:
         compiled = jax.jit(build_evaluate(model, eval_engine)).lower(
             state.params, test_data).compile()
@@ -251,7 +259,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                 window = dict(empty_window)
                 shown = ({"loss": f"{loss:.4f}", "cps": f"{C / dt:,.0f}"} if show_loss
                          else {"eps": f"{last_row.get('epsilon') or float('inf'):.3g}"})
-                main_metric = "eval_rmse" if recommender else "eval_accuracy"
+                main_metric = ("eval_accuracy" if not recommender else "eval_rmse"
+                               if "eval_rmse" in last_row else "eval_hr10")
                 shown[main_metric[5:]] = f"{last_row[main_metric]:.4f}"
                 bar.set_postfix(**shown, refresh=False)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
@@ -265,6 +274,11 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     ckpt.close()
 
     save_params(os.path.join(out_dir, "params.npz"), state.params)
+    if recommender and show_loss and per_user:
+        # per-user held-out errors at the last evaluation (diagnostics: a user's own
+        # numbers, not released by the server; never written for a strict DP run)
+        save_per_user(os.path.join(out_dir, "per_user.npz"), per_user["last"],
+                      rec_data.train.user_ids)
     rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     last_row = rows[-1] if rows else last_row
     summary = {

@@ -11,6 +11,14 @@ the item biases b_i [I] and mu; the PRIVATE parameters of user u are p_u [k] and
 which live only in that user's client state. A client's local model holds its private
 parameters and the rows of Q and b_i of the items it rated, aligned with its rating slots
 (``rows``): it never holds the whole table.
+
+Objectives (``objective``): "mse", Koren's squared error on explicit ratings; "bce", the
+implicit-feedback objective of He, Liao, Zhang, Nie, Hu and Chua, "Neural Collaborative
+Filtering", WWW 2017, eq. (7): the slots' "ratings" are labels y in {0, 1} (observed items
+and sampled unobserved ones, :func:`fedjax_lite.data.ratings_negatives.implicit_training`)
+and r_hat(u, i) is a logit,
+
+    min  mean_{(u,i) in slots} BCE(y_ui, sigmoid(r_hat(u, i))) + lambda (same l2 as above)
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+
+OBJECTIVES = ("mse", "bce")
 
 
 class MatrixFactorization(NamedTuple):
@@ -27,10 +38,18 @@ class MatrixFactorization(NamedTuple):
     l2: float = 0.02            # lambda
     init_scale: float = 0.1     # std of the initial factors
     scale: tuple[float, float] = (1.0, 5.0)   # rating scale (predictions are clipped)
+    objective: str = "mse"      # "mse" (explicit ratings) or "bce" (implicit 0/1 labels)
+
+    def check(self) -> None:
+        """ValueError for an unknown ``objective``."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"MatrixFactorization: objective must be one of "
+                             f"{OBJECTIVES}, got {self.objective!r}")
 
     def init_global(self, key: jax.Array) -> dict:
         """Q ~ N(0, init_scale^2), b_i = 0, mu = the middle of the rating scale (a
         data-independent start: the mean rating itself is client data)."""
+        self.check()
         return {"item": self.init_scale * jax.random.normal(key, (self.num_items, self.dim)),
                 "item_bias": jnp.zeros((self.num_items,)),
                 "mu": jnp.asarray(0.5 * (self.scale[0] + self.scale[1]), jnp.float32)}
@@ -52,17 +71,24 @@ class MatrixFactorization(NamedTuple):
     def local_loss(self, local: dict, slots: jax.Array, ratings: jax.Array,
                    mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One client's minibatch objective (Koren's, per rating, averaged over the real
-        ratings of the batch) and its data loss (mean squared error). ``local`` = the
-        client's model {'user', 'user_bias', 'item' [N, k], 'item_bias' [N], 'mu'};
-        ``slots`` int[B] index its rating slots."""
+        ratings of the batch) and its data loss: the mean squared error ("mse"), or the
+        mean binary cross-entropy of the logit r_hat against the 0/1 label in ``ratings``
+        ("bce"). ``local`` = the client's model {'user', 'user_bias', 'item' [N, k],
+        'item_bias' [N], 'mu'}; ``slots`` int[B] index its rating slots."""
+        self.check()                                          # static: at trace time
         rows = {"item": local["item"][slots], "item_bias": local["item_bias"][slots]}
-        err = self.predict(local, rows, local["mu"]) - ratings
-        m = mask.astype(err.dtype)
+        pred = self.predict(local, rows, local["mu"])
+        m = mask.astype(pred.dtype)
         count = jnp.maximum(jnp.sum(m), 1.0)
-        mse = jnp.sum(m * err * err) / count
+        if self.objective == "bce":                           # stable log-sigmoid form
+            per_slot = optax.sigmoid_binary_cross_entropy(pred, ratings)
+        else:
+            err = pred - ratings
+            per_slot = err * err
+        data = jnp.sum(m * per_slot) / count
         reg = (jnp.sum(m * (jnp.sum(rows["item"] ** 2, -1) + rows["item_bias"] ** 2)) / count
                + jnp.sum(local["user"] ** 2) + local["user_bias"] ** 2)
-        return mse + self.l2 * reg, mse
+        return data + self.l2 * reg, data
 
 
 def gather_rows(params: dict, items: jax.Array) -> dict:
@@ -90,4 +116,5 @@ def rating_summary(se: jax.Array, ae: jax.Array, count: jax.Array) -> dict:
     return {"eval_loss": mse, "eval_rmse": jnp.sqrt(mse), "eval_mae": jnp.sum(ae) / c}
 
 
-__all__ = ["MatrixFactorization", "gather_rows", "rating_errors", "rating_summary"]
+__all__ = ["OBJECTIVES", "MatrixFactorization", "gather_rows", "rating_errors",
+           "rating_summary"]
