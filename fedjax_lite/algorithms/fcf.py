@@ -39,7 +39,7 @@ from fedjax_lite.algorithms.fedavg import (check_weighting, client_weights,
 from fedjax_lite.core import client_state
 from fedjax_lite.core.aggregators import Aggregator
 from fedjax_lite.core.faults import Faults, apply_faults
-from fedjax_lite.core.local import local_train_chunk
+from fedjax_lite.core.local import local_train_chunk, row_step
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
 from fedjax_lite.core.sparse import SparseUpdate, sparse_mean
@@ -60,13 +60,18 @@ def fcf(model: MatrixFactorization, *, num_users: int, init_key: jax.Array,
         server_optimizer: optax.GradientTransformation, local_epochs: int, batch_size: int,
         weighting: str = "uniform", item_aggregation: str = "raters",
         aggregator: Aggregator | None = None, faults: Faults = Faults(),
-        engine: EngineOptions = EngineOptions()) -> FederatedAlgorithm:
+        engine: EngineOptions = EngineOptions(), row_sgd_lr: float | None = None
+        ) -> FederatedAlgorithm:
     """Builds FCF for a population of ``num_users`` (population rows = users).
 
     ``aggregator``: a sparse aggregator (:func:`fedjax_lite.core.sparse.sparse_mean` by
     default, with ``item_aggregation``; or the sparse DP mechanism). ``faults``: dropout
     only (updates are sparse: attacks and compression are not defined on them).
     ``init_key``: draws the users' initial private factors (never data).
+    ``row_sgd_lr``: the learning rate when ``client_optimizer`` is plain SGD: local steps
+    then move only the batch's item rows (:func:`~fedjax_lite.core.local.local_train_chunk`'s
+    sparse step; the same arithmetic up to float rounding, O(batch) instead of O(rated
+    items) per step).
     """
     check_weighting(weighting)
     if faults.attack is not None or faults.compressor is not None or faults.error_feedback:
@@ -87,7 +92,7 @@ def fcf(model: MatrixFactorization, *, num_users: int, init_key: jax.Array,
         local, stats = local_train_chunk(model.local_loss, client_optimizer, local0, slots,
                                          ratings, n, orders, local_epochs=local_epochs,
                                          batch_size=batch_size, unroll=engine.unroll,
-                                         per_client_params=True)
+                                         per_client_params=True, **row_step(row_sgd_lr))
         update = SparseUpdate(
             rows={name: local[name] - rows[name] for name in rows},
             index=items, mask=jnp.arange(N)[None, :] < n[:, None],

@@ -63,7 +63,7 @@ from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, cohort_
                                            server_update)
 from fedjax_lite.core.aggregators import Aggregator
 from fedjax_lite.core.faults import Faults, apply_faults
-from fedjax_lite.core.local import local_train_chunk
+from fedjax_lite.core.local import local_train_chunk, row_step
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     make_cohort, map_cohort)
 from fedjax_lite.core.shuffle import epoch_orders_lanes
@@ -124,14 +124,16 @@ def fedrecon(model: MatrixFactorization, *, client_optimizer: optax.GradientTran
              recon_optimizer: optax.GradientTransformation | None = None,
              weighting: str = "uniform", item_aggregation: str = "raters",
              aggregator: Aggregator | None = None, faults: Faults = Faults(),
-             engine: EngineOptions = EngineOptions()) -> FederatedAlgorithm:
+             engine: EngineOptions = EngineOptions(), row_sgd_lr: float | None = None
+             ) -> FederatedAlgorithm:
     """Builds FedRecon; ``init(params) -> ServerState`` (no client state of any size).
 
     ``recon_steps``: epochs of ``recon_optimizer`` (default ``client_optimizer``) on the
     support set; ``local_epochs``: epochs of ``client_optimizer`` on the query set.
     ``weighting``: ``uniform`` or ``examples`` (n_u = |D_q|, Algorithm 1). ``aggregator``:
     a sparse aggregator (``sparse_mean`` with ``item_aggregation`` by default, or the
-    sparse DP mechanism). ``faults``: dropout only, as for FCF.
+    sparse DP mechanism). ``faults``: dropout only, as for FCF. ``row_sgd_lr``: as for
+    FCF (the global update's sparse SGD step).
     """
     check_weighting(weighting)
     if not 0 < support_fraction < 1:
@@ -168,7 +170,8 @@ def fedrecon(model: MatrixFactorization, *, client_optimizer: optax.GradientTran
         g, stats = local_train_chunk(global_loss, client_optimizer, g0, sp.query, y_q,
                                      sp.n_query, orders, local_epochs=local_epochs,
                                      batch_size=batch_size, unroll=engine.unroll,
-                                     extra=(private,), per_client_params=True)
+                                     extra=(private,), per_client_params=True,
+                                     **row_step(row_sgd_lr))
         update = SparseUpdate(rows={name: g[name] - rows[name] for name in rows},
                               index=items, mask=sp.is_query,
                               dense={"mu": g["mu"] - params["mu"]})

@@ -36,7 +36,7 @@ from jax import lax
 
 from fedjax_lite.algorithms.fedavg import cohort_train_loss
 from fedjax_lite.core import client_state
-from fedjax_lite.core.local import local_train_chunk
+from fedjax_lite.core.local import local_train_chunk, row_step
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
 from fedjax_lite.models.mf import MatrixFactorization, gather_rows
@@ -141,7 +141,8 @@ def centralized(model: MatrixFactorization, *, num_users: int, num_ratings: int,
 def local_only(model: MatrixFactorization, *, num_users: int, num_slots: int,
                init_key: jax.Array, client_optimizer: optax.GradientTransformation,
                local_epochs: int, batch_size: int,
-               engine: EngineOptions = EngineOptions()) -> FederatedAlgorithm:
+               engine: EngineOptions = EngineOptions(), row_sgd_lr: float | None = None
+               ) -> FederatedAlgorithm:
     """Every user alone (see the module docstring). ``num_slots``: N, the population's
     padded ratings per user (static: the private item rows are [U, N, k])."""
 
@@ -165,7 +166,7 @@ def local_only(model: MatrixFactorization, *, num_users: int, num_slots: int,
         local, stats = local_train_chunk(model.local_loss, client_optimizer, local0, slots,
                                          ratings, n, orders, local_epochs=local_epochs,
                                          batch_size=batch_size, unroll=engine.unroll,
-                                         per_client_params=True)
+                                         per_client_params=True, **row_step(row_sgd_lr))
         return {**local, "started": own["started"] | (n > 0)}, stats
 
     def apply(state: LocalOnlyState, cohort: Cohort, key: jax.Array):

@@ -53,7 +53,8 @@ def local_train_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, params:
                       x: jax.Array, y: jax.Array, n: jax.Array, orders: jax.Array, *,
                       local_epochs: int, batch_size: int,
                       num_epochs: jax.Array | None = None, extra: tuple = (),
-                      unroll: int = 4, per_client_params: bool = False
+                      unroll: int = 4, per_client_params: bool = False,
+                      row_leaves: tuple[str, ...] = (), row_sgd_lr: float | None = None
                       ) -> tuple[Params, LocalStats]:
     """Local training of K clients, all starting from ``params`` (or, with
     ``per_client_params``, each from its own row of ``params``: leading axis K -- e.g. a
@@ -70,6 +71,16 @@ def local_train_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, params:
         lets clients run fewer (stragglers). ``batch_size >= n``: one full-batch step.
       extra: per-client pytrees with leading axis K, passed to ``loss_fn``.
       unroll: unroll factor of the step scan (speed only).
+      row_leaves, row_sgd_lr: a sparse step for plain SGD (``tx`` must be
+        ``optax.sgd(row_sgd_lr)`` without momentum). ``params`` is a dict whose leaves
+        named in ``row_leaves`` have one row per example slot ([N, ...] per client; e.g. a
+        recommender's rows of the items it rated) and ``x`` holds slot ids: a step
+        gathers the batch's B rows, differentiates the loss on them (called with
+        ``x = arange(B)`` and the gathered rows in place of the tables) and
+        scatter-adds ``-row_sgd_lr * grad`` to those rows only; the other leaves take the
+        ``tx`` step. SGD leaves rows outside the batch unchanged, so this is the dense
+        step's arithmetic at O(B) instead of O(N) per step (equal to float rounding:
+        XLA fuses the two graphs differently; 1-ulp differences measured).
 
     Returns:
       (params with leading axis K, LocalStats of int/float[K]).
@@ -100,7 +111,32 @@ def local_train_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, params:
         stats = LocalStats(jnp.where(on, data_loss, 0.0) * k, k, on.astype(jnp.int32))
         return tree_where(on, new_p, p), tree_where(on, new_opt_state, opt_state), stats
 
-    cohort_step = jax.vmap(client_step)
+    def row_loss(rest, rows, b, yb, mb, *client_extra):
+        return loss_fn({**rest, **rows}, b, yb, mb, *client_extra)
+
+    row_grad = jax.value_and_grad(row_loss, argnums=(0, 1), has_aux=True)
+
+    def client_row_step(p, opt_state, xb, yb, mb, on, *client_extra):
+        """ONE client's sparse SGD step: only the batch's rows of ``row_leaves`` move."""
+        rest = {name: v for name, v in p.items() if name not in row_leaves}
+        rows = {name: p[name][xb] for name in row_leaves}
+        (_, data_loss), (g_rest, g_rows) = row_grad(
+            rest, rows, jnp.arange(xb.shape[0], dtype=xb.dtype), yb, mb, *client_extra)
+        updates, new_opt_state = tx.update(g_rest, opt_state, rest)
+        new_rest = tree_where(on, optax.apply_updates(rest, updates), rest)
+        step = jnp.where(on, -row_sgd_lr, 0.0)
+        new_rows = {name: p[name].at[xb].add((step * g_rows[name]).astype(p[name].dtype))
+                    for name in row_leaves}
+        k = jnp.where(on, jnp.sum(mb), 0).astype(jnp.float32)
+        stats = LocalStats(jnp.where(on, data_loss, 0.0) * k, k, on.astype(jnp.int32))
+        return ({**new_rest, **new_rows}, tree_where(on, new_opt_state, opt_state), stats)
+
+    if row_leaves:
+        if row_sgd_lr is None or not isinstance(params, dict):
+            raise ValueError("local_train_chunk: row_leaves needs dict params and "
+                             "row_sgd_lr (the plain SGD learning rate of tx)")
+
+    cohort_step = jax.vmap(client_row_step if row_leaves else client_step)
 
     def run_step(carry, batch, mb, on):
         p, opt_state, stats, e = carry
@@ -129,9 +165,19 @@ def local_train_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, params:
         lambda a: jnp.broadcast_to(a, (K,) + a.shape), params)
     zeros = jnp.zeros_like(n)    # derived from n, so it is device-varying under shard_map
     stats0 = LocalStats(zeros.astype(jnp.float32), zeros.astype(jnp.float32), zeros)
-    carry = (p0, jax.vmap(tx.init)(p0), stats0, jnp.zeros((), jnp.int32))
+    opt_init = (lambda q: tx.init({k: v for k, v in q.items() if k not in row_leaves})
+                ) if row_leaves else tx.init
+    carry = (p0, jax.vmap(opt_init)(p0), stats0, jnp.zeros((), jnp.int32))
     (p, _, stats, _), _ = lax.scan(epoch, carry, batches)
     return p, stats
+
+
+def row_step(row_sgd_lr: float | None, leaves: tuple[str, ...] = ("item", "item_bias")
+             ) -> dict:
+    """Keyword arguments of :func:`local_train_chunk` for its sparse SGD step over the
+    per-slot row leaves ``leaves`` (a recommender's item rows), or none when the client
+    optimizer is not plain SGD (``row_sgd_lr`` None)."""
+    return {} if row_sgd_lr is None else {"row_leaves": leaves, "row_sgd_lr": row_sgd_lr}
 
 
 def local_train(loss_fn: LossFn, tx: optax.GradientTransformation, params: Params,

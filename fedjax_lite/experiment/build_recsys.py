@@ -64,6 +64,16 @@ def build_mf(config: Config, train) -> MatrixFactorization:
                                objective=m.objective)
 
 
+def plain_sgd_lr(opt) -> float | None:
+    """The learning rate of a client optimizer that is plain SGD (no momentum, no
+    Nesterov), whose local steps can move only the batch's item rows; else None."""
+    kw = opt.kwargs
+    if opt.name != "sgd" or kw.get("momentum") is not None or kw.get("nesterov"):
+        return None
+    lr = kw.get("learning_rate")
+    return None if lr is None else float(lr)
+
+
 def build_recommender(config: Config, model: MatrixFactorization, engine: EngineOptions, *,
                       train, init_key: jax.Array, privacy=None) -> FederatedAlgorithm:
     """FCF or FedRecon with ``sparse_mean`` (aggregator mean) or the sparse Gaussian
@@ -85,6 +95,7 @@ def build_recommender(config: Config, model: MatrixFactorization, engine: Engine
                   weighting=a.weighting, item_aggregation=a.item_aggregation,
                   aggregator=aggregator, faults=build_faults(config, num_users),
                   engine=engine)
+    row_lr = plain_sgd_lr(a.client_optimizer)
     if a.name in RECOMMENDATION_BASELINES:
         from fedjax_lite.algorithms import mf_baselines
         key = jax.random.fold_in(init_key, 1)
@@ -96,14 +107,14 @@ def build_recommender(config: Config, model: MatrixFactorization, engine: Engine
         return mf_baselines.local_only(
             model, num_users=num_users, num_slots=int(train.item.shape[1]), init_key=key,
             client_optimizer=common["client_optimizer"], local_epochs=a.local_epochs,
-            batch_size=a.batch_size, engine=engine)
+            batch_size=a.batch_size, engine=engine, row_sgd_lr=row_lr)
     if a.name == "fedrecon":
         from fedjax_lite.algorithms.fedrecon import fedrecon
         return fedrecon(model, recon_steps=a.recon_steps,
-                        support_fraction=a.support_fraction, **common)
+                        support_fraction=a.support_fraction, row_sgd_lr=row_lr, **common)
     from fedjax_lite.algorithms.fcf import fcf
     return fcf(model, num_users=num_users, init_key=jax.random.fold_in(init_key, 1),
-               **common)
+               row_sgd_lr=row_lr, **common)
 
 
 def build_evaluation(config: Config, model: MatrixFactorization, init_key: jax.Array,
