@@ -169,7 +169,8 @@ def markdown(res: dict) -> str:
                          f"{s['gain_q75']:+.4f}] |")
     lines += ["", "## User-level DP on the item updates (RMSE vs epsilon: recsys_dp.png)", "",
               "FCF with server Adam (lr 0.01), Poisson sampling, uniform weighting, each "
-              "user's whole sparse update clipped to L2 norm {res['args']['clip']}, Gaussian noise on every item row, "
+              f"user's whole sparse update clipped to L2 norm {res['args']['clip']}, "
+              "Gaussian noise on every item row, "
               "fixed denominator; epsilon by the RDP accountant of dp-accounting at delta "
               "1e-5, add/remove neighbours (one user's entire ratings). The non-private row: "
               "the same sampling and weighting, no clipping or noise.", "",
@@ -224,13 +225,15 @@ def plot(res: dict, out: Path) -> None:
             else:
                 ref = r["final"]["eval_rmse"]
         color = f"C{i}"
+        users = next((r["num_users"] for k, r in res["runs"].items()
+                      if k.startswith(f"dp/{scale}/") and "num_users" in r), scale)
         if pts:
             pts.sort()
-            ax.plot(*zip(*pts), "o-", color=color, label=f"{scale} users, DP")
+            ax.plot(*zip(*pts), "o-", color=color, label=f"{users} users, DP (FCF)")
         if ref is not None:
-            ax.axhline(ref, color=color, ls=":", label=f"{scale} users, not private")
+            ax.axhline(ref, color=color, ls=":", label=f"{users} users, not private")
     ax.set_xscale("log")
-    ax.set_xlabel("epsilon (delta = 1e-5, user level)")
+    ax.set_xlabel("epsilon (delta = 1e-5, user level; q = 0.2, 100 rounds)")
     ax.set_ylabel("held-out RMSE")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

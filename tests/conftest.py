@@ -6,11 +6,17 @@ The references never call fedjax_lite; they take the example orders (from
 
 from __future__ import annotations
 
+import os
+import tempfile
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from hypothesis import settings
+
+# The CLI's persistent compilation cache: one fresh folder per test session (subprocess
+# runs inherit it), never the user's own cache.
+os.environ.setdefault("FEDJAX_LITE_COMPILE_CACHE", tempfile.mkdtemp(prefix="fedjax_cc_"))
 
 # Property tests explore the same examples on every run: CI never flakes on a new draw.
 settings.register_profile("deterministic", derandomize=True)

@@ -91,3 +91,27 @@ def test_comparison_table_has_an_epsilon_column():
     header, _, dp, plain = table.strip().splitlines()
     assert header.rstrip(" |").endswith("epsilon")
     assert dp.rstrip(" |").endswith("3.25") and plain.rstrip(" |").endswith("-")
+
+
+def test_compare_resume_keeps_finished_runs_and_continues_the_rest(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "rounds": 4, "checkpoint_every": 2}))
+    out = tmp_path / "cmp"
+    args = ["compare", str(path), "--algorithms", "fedavg,fedprox", "--out", str(out)]
+    assert main(args + ["--no-progress"]) == 0
+    first = json.loads((out / "comparison.json").read_text())
+    capsys.readouterr()
+    assert main(args + ["--no-progress"]) == 2            # holds runs: says --resume
+    assert "--resume" in capsys.readouterr().err
+    # as if interrupted: fedprox's last checkpoint and outputs gone
+    import shutil
+    shutil.rmtree(out / "fedprox" / "seed0" / "checkpoints" / "4")
+    (out / "fedprox" / "seed0" / "summary.json").unlink()
+    assert main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "finished earlier" in err and "fedavg" in err.split("finished earlier")[1]
+    again = json.loads((out / "comparison.json").read_text())
+    for a, b in zip(first["table"], again["table"]):
+        assert a["final_eval_accuracy_mean"] == b["final_eval_accuracy_mean"]
+    assert json.loads((out / "fedprox" / "seed0" / "summary.json").read_text())[
+        "resumed_from_round"] == 2

@@ -40,6 +40,7 @@ from fedjax_lite.core import client_state
 from fedjax_lite.core.aggregators import Aggregator
 from fedjax_lite.core.faults import Faults, apply_faults
 from fedjax_lite.core.local import local_train_chunk, row_step
+from fedjax_lite.core.micro import check_micro_cohort
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
 from fedjax_lite.core.sparse import SparseUpdate, sparse_mean
@@ -74,6 +75,7 @@ def fcf(model: MatrixFactorization, *, num_users: int, init_key: jax.Array,
     items) per step).
     """
     check_weighting(weighting)
+    check_micro_cohort(engine, algorithm="fcf")
     if faults.attack is not None or faults.compressor is not None or faults.error_feedback:
         raise ValueError("fcf: only dropout faults apply to sparse item updates")
     aggregator = aggregator or sparse_mean(model.num_items, item_aggregation)

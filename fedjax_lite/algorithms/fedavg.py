@@ -19,7 +19,9 @@ With ServerOpt = SGD(learning rate 1) this is exactly McMahan et al.'s
 function with another optax server optimizer.
 
 Between the clients and the aggregator, :func:`fedjax_lite.core.faults.uplink` applies
-the fault model (dropout, attacks, compression). With ``Faults(error_feedback=True)``
+the fault model (dropout, attacks, compression); :func:`cohort_delta` runs training,
+uplink and aggregation, all at once or (``engine.micro_cohort``) a micro-cohort at a
+time. With ``Faults(error_feedback=True)``
 the state is :class:`ServerStateEF`, which adds every client's error-feedback residual;
 otherwise it is :class:`ServerState` (the FedAvg family, FedProx, FedSGD and FedNova
 share both).
@@ -37,6 +39,7 @@ from fedjax_lite.core.aggregators import Aggregator, mean
 from fedjax_lite.core.faults import (Faults, check_faults, init_residuals, residuals_of,
                                      uplink)
 from fedjax_lite.core.local import local_train_chunk
+from fedjax_lite.core.micro import check_micro_cohort, micro_uplink_aggregate
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
 from fedjax_lite.models.base import Model, masked_mean_loss
@@ -124,6 +127,27 @@ def cohort_train_loss(stats) -> jax.Array:
     return jnp.sum(stats.loss_sum) / jnp.maximum(jnp.sum(stats.examples), 1.0)
 
 
+def cohort_delta(chunk_fn, cohort: Cohort, per_client: tuple, weights: jax.Array, state,
+                 key: jax.Array, *, aggregator: Aggregator, faults: Faults,
+                 engine: EngineOptions):
+    """The clients' updates (``chunk_fn`` -> (Delta_k, stats), run by ``map_cohort``),
+    the uplink's faults and the aggregate Delta_t, with ``key`` the aggregation key.
+    With ``engine.micro_cohort`` the same, a micro-cohort at a time with a running sum
+    (:mod:`fedjax_lite.core.micro`: never the [C, params] stack; equal to float
+    tolerance). Returns (Delta_t, weights after faults, agg_state, residuals or None,
+    stats [C], metrics)."""
+    if engine.micro_cohort is not None:
+        delta, weights, agg_state, stats, metrics = micro_uplink_aggregate(
+            chunk_fn, cohort, per_client, weights, state.agg_state, key,
+            aggregator=aggregator, faults=faults, options=engine)
+        return delta, weights, agg_state, None, stats, metrics
+    deltas, stats = map_cohort(chunk_fn, cohort, per_client, engine)
+    deltas, weights, residuals, fault_metrics = uplink(faults, deltas, weights, cohort, key,
+                                                       residuals_of(state))
+    delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state, key)
+    return delta, weights, agg_state, residuals, stats, {**fault_metrics, **agg_metrics}
+
+
 def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
            server_optimizer: optax.GradientTransformation, local_epochs: int,
            batch_size: int, weighting: str = "examples", aggregator: Aggregator | None = None,
@@ -132,6 +156,7 @@ def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
     """Builds FedAvg. ``weighting``: ``examples`` (p_k = n_k, the paper's) or ``uniform``."""
     aggregator = aggregator or mean()
     check_weighting(weighting)
+    check_micro_cohort(engine, aggregator, faults, algorithm="fedavg")
     init = server_state_init(server_optimizer, aggregator, faults)
     loss_fn = data_loss(model)
 
@@ -147,15 +172,12 @@ def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
         keys = client_keys(train_key, cohort.index)
         chunk_fn = local_training_chunk(lambda *a: client_update(state.params, *a),
                                         local_epochs=local_epochs)
-        deltas, stats = map_cohort(chunk_fn, cohort, (keys,), engine)
-        deltas, weights, residuals, fault_metrics = uplink(
-            faults, deltas, client_weights(cohort, weighting), cohort, agg_key,
-            residuals_of(state))
-        delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
-                                                         agg_key)
+        delta, weights, agg_state, residuals, stats, round_metrics = cohort_delta(
+            chunk_fn, cohort, (keys,), client_weights(cohort, weighting), state, agg_key,
+            aggregator=aggregator, faults=faults, engine=engine)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
                                           delta, weights, always=aggregator.private)
-        metrics = {"train_loss": cohort_train_loss(stats), **fault_metrics, **agg_metrics}
+        metrics = {"train_loss": cohort_train_loss(stats), **round_metrics}
         return next_state(state, params, opt_state, agg_state, residuals), metrics
 
     return FederatedAlgorithm(init, apply)

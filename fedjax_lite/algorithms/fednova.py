@@ -33,6 +33,7 @@ from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, client_
 from fedjax_lite.core.aggregators import Aggregator, mean, weighted_mean
 from fedjax_lite.core.faults import Faults, residuals_of, uplink
 from fedjax_lite.core.local import local_train_chunk
+from fedjax_lite.core.micro import check_micro_cohort
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
 from fedjax_lite.models.base import Model
@@ -48,6 +49,7 @@ def fednova(model: Model, *, client_optimizer: optax.GradientTransformation,
     n_k, the paper's) or ``uniform``."""
     aggregator = aggregator or mean()
     check_weighting(weighting)
+    check_micro_cohort(engine, algorithm="fednova")
 
     init = server_state_init(server_optimizer, aggregator, faults)
 

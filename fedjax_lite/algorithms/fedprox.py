@@ -29,13 +29,14 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, client_weights,
-                                           cohort_train_loss, next_state, server_state_init,
-                                           server_update)
+                                           cohort_delta, cohort_train_loss, next_state,
+                                           server_state_init, server_update)
 from fedjax_lite.core.aggregators import Aggregator, mean
-from fedjax_lite.core.faults import Faults, residuals_of, uplink
+from fedjax_lite.core.faults import Faults
 from fedjax_lite.core.local import local_train_chunk
+from fedjax_lite.core.micro import check_micro_cohort
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
-                                    local_training_chunk, map_cohort)
+                                    local_training_chunk)
 from fedjax_lite.models.base import Model, masked_mean_loss
 
 STRAGGLER_STREAM = 0x5354_5247   # fold_in constant of the stragglers' key ("STRG")
@@ -75,6 +76,7 @@ def fedprox(model: Model, *, client_optimizer: optax.GradientTransformation,
                          f"straggler_fraction={straggler_fraction}")
     aggregator = aggregator or mean()
     check_weighting(weighting)
+    check_micro_cohort(engine, aggregator, faults, algorithm="fedprox")
 
     init = server_state_init(server_optimizer, aggregator, faults)
 
@@ -100,19 +102,16 @@ def fedprox(model: Model, *, client_optimizer: optax.GradientTransformation,
                                                     local_epochs)
         chunk_fn = local_training_chunk(lambda *a: client_update(state.params, *a),
                                         local_epochs=local_epochs)
-        deltas, stats = map_cohort(chunk_fn, cohort, (keys, num_epochs), engine)
         weights = client_weights(cohort, weighting)                        # (3)
         if drop_stragglers:
             weights = jnp.where(is_straggler, 0.0, weights)
-        deltas, weights, residuals, fault_metrics = uplink(faults, deltas, weights, cohort,
-                                                           agg_key, residuals_of(state))
-        delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
-                                                         agg_key)
+        delta, weights, agg_state, residuals, stats, round_metrics = cohort_delta(
+            chunk_fn, cohort, (keys, num_epochs), weights, state, agg_key,
+            aggregator=aggregator, faults=faults, engine=engine)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,  # (4)
                                           delta, weights, always=aggregator.private)
         metrics = {"train_loss": cohort_train_loss(stats),
-                   "stragglers": jnp.sum(is_straggler.astype(jnp.int32)),
-                   **fault_metrics, **agg_metrics}
+                   "stragglers": jnp.sum(is_straggler.astype(jnp.int32)), **round_metrics}
         return next_state(state, params, opt_state, agg_state, residuals), metrics
 
     return FederatedAlgorithm(init, apply)

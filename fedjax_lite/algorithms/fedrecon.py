@@ -64,6 +64,7 @@ from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, cohort_
 from fedjax_lite.core.aggregators import Aggregator
 from fedjax_lite.core.faults import Faults, apply_faults
 from fedjax_lite.core.local import local_train_chunk, row_step
+from fedjax_lite.core.micro import check_micro_cohort
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     make_cohort, map_cohort)
 from fedjax_lite.core.shuffle import epoch_orders_lanes
@@ -136,6 +137,7 @@ def fedrecon(model: MatrixFactorization, *, client_optimizer: optax.GradientTran
     FCF (the global update's sparse SGD step).
     """
     check_weighting(weighting)
+    check_micro_cohort(engine, algorithm="fedrecon")
     if not 0 < support_fraction < 1:
         raise ValueError(f"fedrecon: support_fraction must be in (0, 1), got "
                          f"{support_fraction!r}")

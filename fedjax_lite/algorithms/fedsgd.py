@@ -25,12 +25,13 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, client_weights,
-                                           cohort_train_loss, next_state, server_state_init,
-                                           server_update)
+                                           cohort_delta, cohort_train_loss, next_state,
+                                           server_state_init, server_update)
 from fedjax_lite.core.aggregators import Aggregator, mean
-from fedjax_lite.core.faults import Faults, residuals_of, uplink
+from fedjax_lite.core.faults import Faults
+from fedjax_lite.core.micro import check_micro_cohort
 from fedjax_lite.core.local import LocalStats
-from fedjax_lite.core.round import Cohort, EngineOptions, FederatedAlgorithm, map_cohort
+from fedjax_lite.core.round import Cohort, EngineOptions, FederatedAlgorithm
 from fedjax_lite.models.base import Model, masked_mean_loss
 
 
@@ -41,6 +42,7 @@ def fedsgd(model: Model, *, server_optimizer: optax.GradientTransformation,
     """Builds FedSGD. ``weighting``: ``examples`` (p_k = n_k, the paper's) or ``uniform``."""
     aggregator = aggregator or mean()
     check_weighting(weighting)
+    check_micro_cohort(engine, aggregator, faults, algorithm="fedsgd")
 
     init = server_state_init(server_optimizer, aggregator, faults)
 
@@ -54,17 +56,16 @@ def fedsgd(model: Model, *, server_optimizer: optax.GradientTransformation,
 
     def apply(state: ServerState, cohort: Cohort, key: jax.Array):
         agg_key, _ = jax.random.split(key)       # the same aggregation key as FedAvg's
-        chunk_fn = jax.vmap(lambda x, y, n: client_gradient(state.params, x, y, n))
-        grads, stats = map_cohort(chunk_fn, cohort, (), engine)
-        deltas = jax.tree.map(jnp.negative, grads)                         # -g_k
-        deltas, weights, residuals, fault_metrics = uplink(
-            faults, deltas, client_weights(cohort, weighting), cohort, agg_key,
-            residuals_of(state))
-        delta, agg_state, agg_metrics = aggregator.apply(deltas, weights, state.agg_state,
-                                                         agg_key)          # (2): -g_t
+        def chunk_fn(x, y, n):
+            grads, stats = jax.vmap(lambda *a: client_gradient(state.params, *a))(x, y, n)
+            return jax.tree.map(jnp.negative, grads), stats                # -g_k
+
+        delta, weights, agg_state, residuals, stats, round_metrics = cohort_delta(  # (2)
+            chunk_fn, cohort, (), client_weights(cohort, weighting), state, agg_key,
+            aggregator=aggregator, faults=faults, engine=engine)           # -g_t
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,  # (3)
                                           delta, weights, always=aggregator.private)
-        metrics = {"train_loss": cohort_train_loss(stats), **fault_metrics, **agg_metrics}
+        metrics = {"train_loss": cohort_train_loss(stats), **round_metrics}
         return next_state(state, params, opt_state, agg_state, residuals), metrics
 
     return FederatedAlgorithm(init, apply)

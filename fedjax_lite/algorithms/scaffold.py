@@ -46,6 +46,7 @@ from fedjax_lite.core import client_state
 from fedjax_lite.core.aggregators import Aggregator, mean
 from fedjax_lite.core.faults import Faults, check_faults, init_residuals, residuals_of, uplink
 from fedjax_lite.core.local import local_train_chunk
+from fedjax_lite.core.micro import check_micro_cohort
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
 from fedjax_lite.models.base import Model, masked_mean_loss
@@ -119,6 +120,7 @@ def scaffold(model: Model, *, num_clients: int, client_optimizer: optax.Gradient
     if num_clients < 1:
         raise ValueError(f"scaffold: num_clients={num_clients} must be >= 1")
     eta_l = sgd_learning_rate(client_optimizer, client_learning_rate)
+    check_micro_cohort(engine, algorithm="scaffold")
     aggregator = aggregator or mean()
     check_faults(faults)
     if faults.error_feedback and faults.num_clients != num_clients:

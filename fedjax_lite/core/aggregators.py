@@ -24,13 +24,47 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 
+class Reduction(NamedTuple):
+    """An aggregator that is a sum over clients followed by a finalization:
+
+        partial(deltas[M, ...], weights[M], agg_state) -> sums   (a pytree, additive: the
+                                                                  sums of two disjoint
+                                                                  groups of clients add)
+        finalize(sums, agg_state, key) -> (delta, agg_state, metrics)
+
+    so a cohort can be aggregated a micro-cohort at a time (``engine.micro_cohort``,
+    :mod:`fedjax_lite.core.micro`). ``apply`` of such an aggregator IS
+    ``finalize(partial(all clients))`` (:func:`reduced`), so both agree to float
+    reassociation of the sum."""
+    partial: Callable[[Any, jax.Array, Any], Any]
+    finalize: Callable[[Any, Any, jax.Array], tuple[Any, Any, dict]]
+
+
 class Aggregator(NamedTuple):
     """``private``: the aggregate is a DP release that must be applied every round, even
     when no client reported (keeping the model then would reveal that the cohort was
-    empty -- a fact about client data outside the accounted mechanism)."""
+    empty -- a fact about client data outside the accounted mechanism).
+    ``reduction``: the aggregator's sum-then-finalize form, or None when it needs all
+    updates at once (median, Krum, ...)."""
     init: Callable[[Any], Any]
     apply: Callable[[Any, jax.Array, Any, jax.Array], tuple[Any, Any, dict]]
     private: bool = False
+    reduction: Reduction | None = None
+
+
+def reduced(init: Callable[[Any], Any], reduction: Reduction,
+            private: bool = False) -> Aggregator:
+    """The aggregator whose ``apply`` is ``reduction.finalize(reduction.partial(...))``."""
+
+    def apply(deltas, weights, state, key):
+        return reduction.finalize(reduction.partial(deltas, weights, state), state, key)
+
+    return Aggregator(init, apply, private, reduction)
+
+
+def _no_state(params_like):
+    del params_like
+    return ()
 
 
 def weighted_mean(deltas, weights: jax.Array):
@@ -45,15 +79,18 @@ def weighted_mean(deltas, weights: jax.Array):
 def mean() -> Aggregator:
     """The weighted mean of FedAvg (McMahan et al. 2017, Algorithm 1)."""
 
-    def init(params_like):
-        del params_like
-        return ()
+    def partial(deltas, weights, state):
+        del state
+        return (jax.tree.map(lambda d: jnp.tensordot(weights.astype(d.dtype), d, axes=1),
+                             deltas), jnp.sum(weights))
 
-    def apply(deltas, weights, state, key):
+    def finalize(sums, state, key):
         del key
-        return weighted_mean(deltas, weights), state, {}
+        weighted, total = sums                       # as weighted_mean, term for term
+        scale = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+        return jax.tree.map(lambda s: s * scale.astype(s.dtype), weighted), state, {}
 
-    return Aggregator(init, apply)
+    return reduced(_no_state, Reduction(partial, finalize))
 
 
 # --------------------------------------------------------------------------------------
@@ -351,17 +388,23 @@ def norm_bound(max_norm: float) -> Aggregator:
         raise ValueError(f"norm_bound: max_norm must be > 0, got max_norm={max_norm!r}")
     max_norm = float(max_norm)
 
-    def apply_fn(deltas, weights):
+    def partial(deltas, weights, state):
+        del state
         flat, mask, m, unravel = flatten_updates(deltas, weights)
         dtype = flat.dtype
         scale, clipped = _clip_scale(flat, mask, max_norm)
         w = jnp.where(mask, jnp.asarray(weights).astype(dtype), jnp.zeros((), dtype))
-        total = jnp.sum(w)
-        out = ((w * scale.astype(dtype)) @ flat) / jnp.where(total > 0, total, 1.0)
-        out = jnp.where(m > 0, out, jnp.zeros((), dtype))
-        metrics = reporting_metrics(m)
-        metrics["clipped_fraction"] = (jnp.sum(clipped) / jnp.maximum(m, 1)).astype(
-            jnp.float32)
-        return unravel(out), metrics
+        return {"sum": unravel((w * scale.astype(dtype)) @ flat), "weight": jnp.sum(w),
+                "m": m, "clipped": jnp.sum(clipped, dtype=jnp.int32)}
 
-    return _stateless(apply_fn)
+    def finalize(sums, state, key):
+        del key
+        total, m = sums["weight"], sums["m"]
+        out = jax.tree.map(lambda s: jnp.where(m > 0, s / jnp.where(total > 0, total, 1.0),
+                                               jnp.zeros((), s.dtype)), sums["sum"])
+        metrics = reporting_metrics(m)
+        metrics["clipped_fraction"] = (sums["clipped"] / jnp.maximum(m, 1)).astype(
+            jnp.float32)
+        return out, state, metrics
+
+    return reduced(_no_state, Reduction(partial, finalize))

@@ -131,35 +131,54 @@ def uplink(faults: Faults, updates, weights: jax.Array, cohort: Cohort, key: jax
                                                   keep=~sent), metrics
 
 
+def attackers_of(faults: Faults, index: jax.Array):
+    """(bool[C] which cohort slots are Byzantine, or None; metrics)."""
+    if faults.attackers is None:
+        return None, {}
+    bad = faults.attackers[index]
+    return bad, {"attackers_in_cohort": jnp.sum(bad)}
+
+
+def corrupt_updates(faults: Faults, updates, bad, key: jax.Array):
+    """The attackers' (``bad``) updates rewritten by the update attack, if any. Per
+    client except ``gaussian``, whose noise is drawn for the whole [C, ...] stack."""
+    if bad is None or faults.attack not in UPDATE_ATTACKS:
+        return updates
+    C = bad.shape[0]
+    leaves, treedef = jax.tree.flatten(updates)
+    keys = jax.random.split(jax.random.fold_in(key, ATTACK_STREAM), len(leaves))
+
+    def corrupt(u, k):
+        if faults.attack == "sign_flip":
+            evil = -faults.scale * u
+        elif faults.attack == "scale":
+            evil = faults.scale * u
+        else:
+            evil = faults.noise_std * jax.random.normal(k, u.shape, u.dtype)
+        return jnp.where(bad.reshape((C,) + (1,) * (u.ndim - 1)), evil, u)
+
+    return jax.tree.unflatten(treedef, [corrupt(u, k) for u, k in zip(leaves, keys)])
+
+
+def report_weights(faults: Faults, weights: jax.Array, key: jax.Array):
+    """Dropout: (weights with the dropped clients' set to 0, {"reporting_clients"})."""
+    members = weights > 0                 # padding slots of a padded cohort weigh 0
+    if faults.dropout > 0:
+        C = weights.shape[0]
+        reports = (jax.random.uniform(jax.random.fold_in(key, DROPOUT_STREAM), (C,))
+                   >= faults.dropout)
+        return (jnp.where(reports, weights, 0.0),
+                {"reporting_clients": jnp.sum(reports & members)})
+    return weights, {"reporting_clients": jnp.sum(members)}
+
+
 def _transmit(faults: Faults, updates, weights, index, key, residual_rows):
     """Attack, dropout, then compression (of Delta_i + e_i when ``residual_rows`` is
     given). Returns (updates, weights, new residual rows or None, metrics)."""
-    C = weights.shape[0]
-    metrics = {}
-    if faults.attackers is not None:
-        bad = faults.attackers[index]
-        metrics["attackers_in_cohort"] = jnp.sum(bad)
-        if faults.attack in UPDATE_ATTACKS:
-            leaves, treedef = jax.tree.flatten(updates)
-            keys = jax.random.split(jax.random.fold_in(key, ATTACK_STREAM), len(leaves))
-
-            def corrupt(u, k):
-                if faults.attack == "sign_flip":
-                    evil = -faults.scale * u
-                elif faults.attack == "scale":
-                    evil = faults.scale * u
-                else:
-                    evil = faults.noise_std * jax.random.normal(k, u.shape, u.dtype)
-                return jnp.where(bad.reshape((C,) + (1,) * (u.ndim - 1)), evil, u)
-
-            updates = jax.tree.unflatten(treedef, [corrupt(u, k) for u, k in zip(leaves, keys)])
-    members = weights > 0                 # padding slots of a padded cohort weigh 0
-    if faults.dropout > 0:
-        reports = jax.random.uniform(jax.random.fold_in(key, DROPOUT_STREAM), (C,)) >= faults.dropout
-        weights = jnp.where(reports, weights, 0.0)
-        metrics["reporting_clients"] = jnp.sum(reports & members)
-    else:
-        metrics["reporting_clients"] = jnp.sum(members)
+    bad, metrics = attackers_of(faults, index)
+    updates = corrupt_updates(faults, updates, bad, key)
+    weights, more = report_weights(faults, weights, key)
+    metrics.update(more)
     new_rows = None
     if faults.compressor is not None:
         if residual_rows is not None:                       # Delta_i + e_i

@@ -9,7 +9,9 @@
 2. ``algorithm.apply(state, cohort, key)``: local training for every cohort client
    (:func:`map_cohort` runs the algorithm's chunk function over cache-sized chunks of
    the cohort, each chunk gathering its own rows of the device-resident population, the
-   chunks optionally sharded over devices), aggregation and the server optimizer step.
+   chunks optionally sharded over devices with ``jax.shard_map`` or ``jax.pmap``;
+   :func:`fedjax_lite.core.micro.map_reduce_cohort` instead runs the cohort in
+   micro-cohorts with a running sum), aggregation and the server optimizer step.
 
 Algorithms (``fedjax_lite.algorithms``) build the ``(init, apply)`` pair; this module
 owns sampling, chunking and sharding, so they are the same for all of them.
@@ -66,11 +68,24 @@ class EngineOptions(NamedTuple):
       results put back in cohort order),
       so chunks of small clients skip the step slots only large clients need. Worth it on
       skewed populations; on equal-sized clients it changes nothing.
+    backend: how the cohort is split over ``mesh``'s devices: ``shard_map`` (the
+      cohort's arrays sharded along the client axis) or ``pmap`` (reshaped to
+      [devices, per_device, ...] and mapped by the classic ``jax.pmap``, for parity with
+      code written for it). Both run the same per-device function on the same clients.
+    micro_cohort: None, or how many clients' updates are materialized at once: the
+      algorithms that support it (the FedAvg family, with a linear aggregator) run the
+      cohort in micro-cohorts of this many clients and keep a running weighted sum
+      (:mod:`fedjax_lite.core.micro`); :func:`map_cohort` itself ignores it.
     """
     chunk_size: int | None = 64
     unroll: int = 4
     mesh: Mesh | None = None
     group_by_size: bool = True
+    backend: str = "shard_map"
+    micro_cohort: int | None = None
+
+
+BACKENDS = ("shard_map", "pmap")
 
 
 def make_cohort(population: dict, index: jax.Array, mask: jax.Array | None = None) -> Cohort:
@@ -102,6 +117,8 @@ def map_cohort(chunk_fn: Callable, cohort: Cohort, per_client: tuple,
 
     Returns the concatenated outputs, leading axis C (cohort order).
     """
+    if options.backend not in BACKENDS:
+        raise ValueError(f"engine backend must be one of {BACKENDS}, got {options.backend!r}")
     C = cohort.index.shape[0]
     shards = 1 if options.mesh is None else options.mesh.devices.size
     chunks, K = _chunking(C, options.chunk_size, shards)
@@ -136,6 +153,14 @@ def map_cohort(chunk_fn: Callable, cohort: Cohort, per_client: tuple,
 
     if options.mesh is None:
         out = run(cohort.population, index, counts, valid, per_client)
+    elif options.backend == "pmap":
+        # The classic per-device map: shard s holds padded rows [s*chunks*K, (s+1)*...),
+        # exactly the rows shard_map gives device s; the population is broadcast.
+        split = lambda a: a.reshape(shards, chunks * K, *a.shape[1:])
+        out = jax.pmap(run, axis_name=CLIENT_AXIS, in_axes=(None, 0, 0, 0, 0),
+                       devices=list(options.mesh.devices.flat))(
+            cohort.population, *jax.tree.map(split, (index, counts, valid, per_client)))
+        out = jax.tree.map(lambda o: o.reshape(padded, *o.shape[2:]), out)
     else:
         # check_vma=False: with the default, grad w.r.t. the replicated server params
         # inside shard_map is summed over devices (../shared/PLATFORM.md); here every

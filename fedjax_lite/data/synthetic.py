@@ -14,6 +14,31 @@ def _skewed_sizes(rng: np.random.Generator, num_clients: int, mean: float, sigma
     return np.maximum(minimum, np.round(raw)).astype(int)
 
 
+def _logistic_start(seed: int, num_clients: int, num_features: int, mean_examples: float,
+                    size_sigma: float, min_examples: int):
+    """The generator's first draws: (rng, w* unnormalized, client sizes)."""
+    rng = np.random.default_rng(seed)
+    w_star = rng.normal(size=num_features)
+    return rng, w_star, _skewed_sizes(rng, num_clients, mean_examples, size_sigma,
+                                      min_examples)
+
+
+def _fedprox_sizes(rng: np.random.Generator, num_clients: int) -> np.ndarray:
+    return np.floor(rng.lognormal(4, 2, size=num_clients)).astype(int) + 50
+
+
+def client_sizes(kind: str, *, seed: int, num_clients: int, num_features: int,
+                 mean_examples: float = 50.0, size_sigma: float = 0.5,
+                 min_examples: int = 4) -> np.ndarray:
+    """The example counts the generator ``kind`` (``synthetic_logistic`` or
+    ``fedprox_synthetic``) will draw for these arguments, without generating the data
+    (what a memory estimate needs before the population is built)."""
+    if kind == "fedprox_synthetic":
+        return _fedprox_sizes(np.random.default_rng(seed), num_clients)
+    return _logistic_start(seed, num_clients, num_features, mean_examples, size_sigma,
+                           min_examples)[2]
+
+
 def synthetic_logistic(*, num_clients: int, num_features: int, mean_examples: float,
                        size_sigma: float = 0.5, min_examples: int = 4,
                        feature_shift: float = 1.0, label_noise: float = 0.02,
@@ -27,10 +52,9 @@ def synthetic_logistic(*, num_clients: int, num_features: int, mean_examples: fl
     ``1 - label_noise``, so the task is learnable while clients are non-IID in both
     feature distribution (covariate shift) and size.
     """
-    rng = np.random.default_rng(seed)
-    w_star = rng.normal(size=num_features)
+    rng, w_star, sizes = _logistic_start(seed, num_clients, num_features, mean_examples,
+                                         size_sigma, min_examples)
     w_star /= np.linalg.norm(w_star)
-    sizes = _skewed_sizes(rng, num_clients, mean_examples, size_sigma, min_examples)
     xs, ys = [], []
     for k in range(num_clients):
         mu = rng.normal(scale=feature_shift, size=num_features)
@@ -57,7 +81,7 @@ def fedprox_synthetic(*, alpha: float, beta: float, iid: bool = False, num_clien
     clients and draws every client's ``x ~ N(0, Sigma)``.
     """
     rng = np.random.default_rng(seed)
-    sizes = np.floor(rng.lognormal(4, 2, size=num_clients)).astype(int) + 50
+    sizes = _fedprox_sizes(rng, num_clients)
     std = np.power(np.arange(1, num_features + 1, dtype=np.float64), -1.2 / 2)
     if iid:
         w_shared = rng.normal(size=(num_features, num_classes))

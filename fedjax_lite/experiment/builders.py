@@ -108,7 +108,8 @@ def engine_options(engine: EngineConfig, sizes: np.ndarray | None = None) -> Eng
                               f"{len(available)} available ({available[0].platform})")
     mesh = client_mesh(available[:count]) if count > 1 else None
     return EngineOptions(chunk_size=chunk, unroll=engine.unroll, mesh=mesh,
-                         group_by_size=engine.group_by_size)
+                         group_by_size=engine.group_by_size, backend=engine.backend,
+                         micro_cohort=engine.micro_cohort)
 
 
 def dp_denominator(config: Config) -> float:

@@ -8,7 +8,8 @@
                         [--target-epsilon e] [--neighboring ...] [--json]
 
 Exit codes: 0 done; 2 bad config or data (one line naming the key / file / client);
-3 divergence (non-finite loss; last good state checkpointed).
+3 divergence (non-finite loss; last good state checkpointed); 130 / 143 interrupted by
+SIGINT / SIGTERM (the last finished round checkpointed: continue with --resume).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+
+T0 = time.perf_counter()     # the process's wall time starts (about) here
+CACHE_HELP = ("do not use JAX's persistent compilation cache (on by default, in "
+              "$FEDJAX_LITE_COMPILE_CACHE or ~/.cache/fedjax_lite/jax; a second run of the "
+              "same shapes then loads its programs instead of compiling them)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    r.add_argument("--no-compile-cache", action="store_true", help=CACHE_HELP)
     c = sub.add_parser("compare", help="run several algorithms/aggregators on identical "
                                        "data and cohorts, over seeds")
     c.add_argument("config", help="path to a YAML config (the shared settings)")
@@ -42,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    c.add_argument("--no-compile-cache", action="store_true", help=CACHE_HELP)
+    c.add_argument("--resume", action="store_true",
+                   help="continue a comparison in --out: finished runs are kept, "
+                        "interrupted ones continue from their checkpoints")
     v = sub.add_parser("privacy", help="epsilon of DP-FedAvg (or the noise multiplier for "
                                        "a target epsilon), accounted with dp-accounting")
     v.add_argument("--rounds", type=int, required=True, help="rounds (compositions)")
@@ -59,7 +71,34 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--neighboring", choices=("add_remove", "zero_out", "replace_one"),
                    default=None, help="default: add_remove (poisson), replace_one (fixed)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
+    _document(p, sub)
     return p
+
+
+EXIT_CODES = ("0 done; 2 bad config, data or input (one line naming the key, file or "
+              "path); 3 diverged (non-finite loss; the last good state is checkpointed); "
+              "130 / 143 interrupted by SIGINT / SIGTERM (the last finished round is "
+              "checkpointed: continue with --resume)")
+
+
+def _document(p: argparse.ArgumentParser, sub) -> None:
+    """``--version``, and what run / compare accept and how they exit, in their --help."""
+    import textwrap
+
+    from fedjax_lite import __version__
+    from fedjax_lite.experiment import config_schema as schema
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.epilog = "exit codes: " + EXIT_CODES
+    lists = [("algorithms (algorithm.name)", schema.ALGORITHMS),
+             ("aggregators (aggregator.name)", schema.AGGREGATORS),
+             ("data kinds (data.kind)", tuple(schema.DATA_KINDS)),
+             ("models (model.kind)", tuple(schema.MODEL_KINDS)),
+             ("exit codes", (EXIT_CODES,))]
+    epilog = "\n".join(textwrap.fill(f"{title}: {', '.join(names)}", 88,
+                                     subsequent_indent="  ") for title, names in lists)
+    for name in ("run", "compare"):
+        sub.choices[name].epilog = epilog
+        sub.choices[name].formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def privacy_command(args) -> int:
@@ -118,33 +157,42 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "privacy":
         return privacy_command(args)
-    from fedjax_lite.experiment.host import configure_host
+    from fedjax_lite.experiment.host import configure_host, enable_compile_cache
     configure_host()
+    enable_compile_cache(not getattr(args, "no_compile_cache", False))
     from fedjax_lite.experiment import config as cfg
 
     try:
         raw = cfg.load_raw(args.config)
         for assignment in args.overrides:
             cfg.set_override(raw, assignment)
-        config = cfg.parse(raw)
+        config = _validate(args, raw)
+    except cfg.OutputError as e:
+        print(f"fedjax-lite: output folder: {e}", file=sys.stderr)
+        return 2
     except cfg.ConfigError as e:
         print(f"fedjax-lite: config error: {e}", file=sys.stderr)
         return 2
 
-    from fedjax_lite.experiment.runner import DataError, DivergenceError, SamplingError, run
+    from fedjax_lite.experiment.checkpoint import CheckpointError
+    from fedjax_lite.experiment.interrupt import Interrupted, handling
+    from fedjax_lite.experiment.runner import DataError, DivergenceError, SamplingError
 
     try:
-        if args.command == "compare":
-            from fedjax_lite.experiment.compare import compare, markdown_table
-            split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
-            doc = compare(raw, args.out, algorithms=split(args.algorithms) or [],
-                          aggregators=split(args.aggregators), seeds=args.seeds,
-                          target_accuracy=args.target_accuracy,
-                          progress=not args.no_progress)
-            print(markdown_table(doc["table"], args.target_accuracy, args.seeds,
-                                 doc["metrics"]), end="")
+        with handling() as interrupts:
+            summary = _dispatch(args, raw, config, interrupts)
+        if summary is None:                   # compare printed its table
             return 0
-        summary = run(config, args.out, resume=args.resume, progress=not args.no_progress)
+    except Interrupted as e:
+        print(f"fedjax-lite: interrupted after round {e.round}; continue with --resume "
+              f"(--out {args.out})", file=sys.stderr)
+        return e.exit_code
+    except cfg.OutputError as e:
+        print(f"fedjax-lite: output folder: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"fedjax-lite: checkpoint: {e}", file=sys.stderr)
+        return 2
     except cfg.ConfigError as e:
         print(f"fedjax-lite: config error: {e}", file=sys.stderr)
         return 2
@@ -157,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as e:
         print(f"fedjax-lite: diverged: {e}", file=sys.stderr)
         return 3
+    except OSError as e:
+        if not _under(getattr(e, "filename", None), args.out):
+            raise
+        print(f"fedjax-lite: output folder: cannot write {e.filename}: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 2
     final = summary["final"]
     ranked = {k: final[k] for k in ("eval_hr10", "eval_ndcg10", "eval_hr10_full",
                                     "eval_ndcg10_full") if k in final}
@@ -166,8 +220,56 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"round": final.get("round"), **headline,
                       "eval_loss": final.get("eval_loss"),
                       "clients_per_s": summary["clients_per_s"],
-                      "wall_s": round(summary["wall_s"], 2), "out": args.out}))
+                      "train_s": round(summary["train_s"], 2),
+                      "wall_s": round(time.perf_counter() - T0, 2), "out": args.out}))
     return 0
+
+
+def _validate(args, raw: dict):
+    """The checks that need no data, before anything is compiled or written: the run's
+    config (compare's plan validates every method's), --target-accuracy, the static
+    cohort (krum), the host memory of a synthetic population, --out. Returns the run's
+    Config (None for compare)."""
+    from fedjax_lite.experiment import config as cfg
+    from fedjax_lite.experiment import config_checks
+    config = None
+    if args.command == "compare":
+        target = args.target_accuracy
+        if target is not None and not 0 < target <= 1:
+            raise cfg.ConfigError(f"--target-accuracy must be in (0, 1], got {target:g}")
+    else:
+        config = cfg.parse(raw)
+        config_checks.check_config_cohort(config)
+        config_checks.check_population_memory(config)
+    config_checks.check_out_dir(args.out)
+    return config
+
+
+def _under(path, folder: str) -> bool:
+    """Whether ``path`` (an OSError's filename) lies in ``folder`` (or is it)."""
+    import os
+    if not isinstance(path, str) or not folder:
+        return False
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep) or \
+        folder.startswith(path.rstrip(os.sep) + os.sep)
+
+
+def _dispatch(args, raw: dict, config, interrupts):
+    """Runs the command; returns the run's summary (None for compare, which prints)."""
+    from fedjax_lite.experiment.runner import run
+    if args.command == "compare":
+        from fedjax_lite.experiment.compare import compare, markdown_table
+        split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
+        doc = compare(raw, args.out, algorithms=split(args.algorithms) or [],
+                      aggregators=split(args.aggregators), seeds=args.seeds,
+                      target_accuracy=args.target_accuracy, progress=not args.no_progress,
+                      interrupts=interrupts, resume=args.resume)
+        print(markdown_table(doc["table"], args.target_accuracy, args.seeds,
+                             doc["metrics"]), end="")
+        return None
+    return run(config, args.out, resume=args.resume, progress=not args.no_progress,
+               interrupts=interrupts)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -50,6 +51,40 @@ def method_raw(raw: dict, algorithm: str, aggregator: str | None) -> dict:
     return raw
 
 
+def scope_keys(raw: dict, algorithms: list[str],
+               aggregators: list[str] | None) -> tuple[dict, list[str]]:
+    """The base config's method-specific keys (``algorithm.mu``, ``aggregator.trim``, ...)
+    apply to the compared methods that take them and are dropped for the others. A key
+    that neither a compared method nor the base's own method takes is an error.
+
+    Returns (the base with the keys its own algorithm/aggregator does not take removed --
+    what validates the shared settings --, notes on what is dropped for which methods)."""
+    base, notes = copy.deepcopy(raw), []
+    sections = [("algorithm", algorithms, cfg.ALGORITHM_ONLY_KEYS, "fedavg")]
+    if aggregators:
+        sections.append(("aggregator", aggregators, cfg.AGGREGATOR_KEYS, "mean"))
+    for section, names, only, default in sections:
+        given = base.get(section)
+        if not isinstance(given, dict):
+            continue
+        own = given.get("name", default)
+        for key, owners in only.items():
+            if key not in given:
+                continue
+            takers = [n for n in names if n in owners]
+            if not takers and own not in owners:
+                raise cfg.ConfigError(
+                    f"config key '{section}.{key}' applies only to {section}.name in "
+                    f"({', '.join(owners)}); none of the compared {section}s "
+                    f"({', '.join(names)}) takes it")
+            others = [n for n in names if n not in owners]
+            if others:
+                notes.append(f"{section}.{key} (for {', '.join(others)})")
+            if own not in owners:
+                given.pop(key)
+    return base, notes
+
+
 def plan(raw: dict, algorithms: list[str], aggregators: list[str] | None,
          seeds: int) -> list[tuple[str, int, cfg.Config]]:
     """Every (method label, seed, validated config); raises ConfigError before any run."""
@@ -65,7 +100,10 @@ def plan(raw: dict, algorithms: list[str], aggregators: list[str] | None,
         if name not in cfg.AGGREGATORS:
             raise cfg.ConfigError(f"--aggregators: unknown aggregator {name!r}; allowed: "
                                   f"{', '.join(cfg.AGGREGATORS)}")
-    base_seed = cfg.parse(raw).seed
+    base, _ = scope_keys(raw, algorithms, aggregators)
+    base_seed = cfg.parse(base).seed
+    from fedjax_lite.experiment.config_checks import (check_config_cohort,
+                                                      check_population_memory)
     runs = []
     for algorithm in algorithms:
         for aggregator in (aggregators or [None]):
@@ -74,10 +112,28 @@ def plan(raw: dict, algorithms: list[str], aggregators: list[str] | None,
                 r = method_raw(raw, algorithm, aggregator)
                 r["seed"] = base_seed + k
                 try:
-                    runs.append((label, k, cfg.parse(r)))
+                    config = cfg.parse(r)
+                    check_config_cohort(config)        # krum / multi_krum vs the cohort
+                    check_population_memory(config)    # before any run writes anything
+                    runs.append((label, k, config))
                 except cfg.ConfigError as e:
                     raise cfg.ConfigError(f"{label}: {e}") from None
     return runs
+
+
+def _finished(folder: str, config: cfg.Config) -> dict | None:
+    """The summary of a run in ``folder`` that completed ``config`` (same resolved
+    config, all rounds), else None."""
+    import json
+    try:
+        with open(os.path.join(folder, "summary.json")) as f:
+            summary = json.load(f)
+        saved = cfg.to_dict(cfg.parse(cfg.load_raw(os.path.join(folder, "config.yaml"))))
+    except (OSError, ValueError, cfg.ConfigError):
+        return None
+    done = summary.get("rounds") == config.rounds and (summary.get("final") or {}).get(
+        "round") == config.rounds
+    return summary if done and saved == cfg.to_dict(config) else None
 
 
 def rounds_to_target(rows: list[dict], target: float | None) -> int | None:
@@ -98,17 +154,33 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 def compare(raw: dict, out_dir: str, *, algorithms: list[str],
             aggregators: list[str] | None = None, seeds: int = 1,
-            target_accuracy: float | None = None, progress: bool = True) -> dict:
+            target_accuracy: float | None = None, progress: bool = True,
+            interrupts=None, resume: bool = False) -> dict:
+    """Runs every method and seed (``plan``) and writes the comparison. ``resume``: runs
+    that finished (their summary.json says so) are read, not rerun; unfinished ones
+    continue from their checkpoints; missing ones start."""
     from fedjax_lite.experiment.runner import run
 
+    if target_accuracy is not None and not 0 < target_accuracy <= 1:
+        raise cfg.ConfigError(f"--target-accuracy must be in (0, 1], got {target_accuracy:g}")
     runs = plan(raw, algorithms, aggregators, seeds)
+    notes = scope_keys(raw, algorithms, aggregators)[1]
+    if notes:
+        print("fedjax-lite compare: method-specific keys dropped where they do not apply: "
+              + "; ".join(notes), file=sys.stderr)
     os.makedirs(out_dir, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for label, k, config in runs:
         folder = os.path.join(out_dir, label, f"seed{k}")
         if progress:
-            print(f"== {label}, seed {config.seed}", flush=True)
-        summary = run(config, folder, progress=progress)
+            print(f"== {label}, seed {config.seed}", file=sys.stderr, flush=True)
+        summary = _finished(folder, config) if resume else None
+        if summary is None:
+            holds_run = os.path.isdir(os.path.join(folder, "checkpoints"))
+            summary = run(config, folder, progress=progress, interrupts=interrupts,
+                          resume=resume and holds_run)
+        elif progress:
+            print(f"   finished earlier: {folder}", file=sys.stderr, flush=True)
         rows = read_metrics(os.path.join(folder, "metrics.jsonl"))
         results.setdefault(label, []).append({
             "seed": config.seed, "summary": summary, "rows": rows,
@@ -125,6 +197,8 @@ def compare(raw: dict, out_dir: str, *, algorithms: list[str],
         table.append({
             **row, "rounds_to_target": reached,
             "wall_s_mean": float(np.mean([r["summary"]["wall_s"] for r in seed_runs])),
+            "compile_s_mean": float(np.mean([r["summary"].get("compile_s") or 0
+                                             for r in seed_runs])),
             "clients_per_s_mean": float(np.mean([r["summary"]["clients_per_s"] or 0
                                                  for r in seed_runs])),
             # DP runs: epsilon spent (the same for every seed: it depends on the config)
@@ -189,7 +263,7 @@ def markdown_table(table: list[dict], target: float | None, seeds: int,
     head = (["method"] + [_LABEL.get(m, m) + (first if i == 0 else "")
                           for i, m in enumerate(metrics)]
             + [f"rounds to {target:g} accuracy" if target is not None else "rounds to target",
-               "wall s", "clients/s", "epsilon"])
+               "wall s (training + evaluation)", "compile s", "clients/s", "epsilon"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         reached = row["rounds_to_target"]
@@ -203,7 +277,8 @@ def markdown_table(table: list[dict], target: float | None, seeds: int,
         lines.append("| " + " | ".join(
             [row["method"]]
             + [_pm(row.get(f"final_{m}_mean"), row.get(f"final_{m}_std")) for m in metrics]
-            + [to_target, f"{row['wall_s_mean']:.1f}", f"{row['clients_per_s_mean']:,.0f}",
+            + [to_target, f"{row['wall_s_mean']:.1f}", f"{row.get('compile_s_mean', 0):.1f}",
+               f"{row['clients_per_s_mean']:,.0f}",
                "-" if row.get("epsilon") is None else f"{row['epsilon']:.3g}"]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -218,20 +293,26 @@ def plot_comparison(path: str, doc: dict) -> None:
                                                             "eval_mae")][:1])[:2]
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
     axes = axes[0]
-    for label, seed_curves in doc["curves"].items():
+    styles = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    for i, (label, seed_curves) in enumerate(doc["curves"].items()):
         for ax, key in zip(axes, shown):
             rounds = seed_curves[0]["round"]
             values = np.array([[np.nan if v is None else v for v in c[key]]
                                for c in seed_curves if c["round"] == rounds], float)
             mean = np.nanmean(values, 0)
-            line, = ax.plot(rounds, mean, label=label)
+            # overlapping methods stay distinguishable: colour, dash and marker all vary
+            line, = ax.plot(rounds, mean, label=label, ls=styles[i % len(styles)],
+                            marker=markers[i % len(markers)], markersize=4,
+                            markevery=max(1, len(rounds) // 8))
             if len(values) > 1:
                 ax.fill_between(rounds, np.nanmin(values, 0), np.nanmax(values, 0),
                                 color=line.get_color(), alpha=0.2)
     for ax, key in zip(axes, shown):
         ax.set_ylabel(_LABEL.get(key, key).replace("final ", ""))
     if doc.get("target_accuracy") is not None and shown[0] == "eval_accuracy":
-        axes[0].axhline(doc["target_accuracy"], color="gray", ls=":", lw=1)
+        axes[0].axhline(doc["target_accuracy"], color="gray", ls=":", lw=1,
+                        label=f"target {doc['target_accuracy']:g}")
     for ax in axes:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)

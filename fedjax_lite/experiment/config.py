@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import re
 import types
 import typing
@@ -233,18 +232,9 @@ def set_override(raw: dict, assignment: str) -> None:
 
 
 def load_raw(path: str) -> dict:
-    if not os.path.exists(path):
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return raw
+    """The raw mapping of the YAML config file at ``path`` (ConfigError naming the file)."""
+    from fedjax_lite.experiment.config_checks import read_config_file
+    return read_config_file(path)
 
 
 def _only_for(raw: dict, section: str, name: str, keys: dict, field: str = "name") -> None:
@@ -258,6 +248,8 @@ def parse(raw: dict) -> Config:
     """Validates a raw mapping into a :class:`Config` (raises ConfigError)."""
     if isinstance(raw.get("aggregator"), dict) and "delta" in raw["aggregator"]:
         raise ConfigError("config key 'aggregator.delta' has moved to 'privacy.delta'")
+    from fedjax_lite.experiment.config_checks import check_key_types
+    check_key_types(raw)
     config = _dataclass(Config, raw, "")
     algo_raw = raw.get("algorithm") or {}
     name = config.algorithm.name
@@ -327,6 +319,8 @@ def parse(raw: dict) -> Config:
     if isinstance(config.engine.chunk_size, int) and config.engine.chunk_size <= 0:
         raise ConfigError(f"config key 'engine.chunk_size': got {config.engine.chunk_size}, "
                           "expected a positive integer, 'auto' or 'all'")
+    from fedjax_lite.experiment.config_checks import check_engine
+    check_engine(config)
     return config
 
 

@@ -13,6 +13,12 @@ class ConfigError(ValueError):
     """A bad configuration; the message names the offending key."""
 
 
+class OutputError(ConfigError):
+    """An unusable output folder (``--out``): a file, not writable, or already holding a
+    run; the message names the path. A ConfigError, so existing handlers still catch it;
+    the CLI reports it as ``fedjax-lite: output folder: ...`` (exit 2)."""
+
+
 def _check(pred, allowed: str) -> dict:
     return {"check": (pred, allowed)}
 
@@ -22,6 +28,8 @@ _NONNEG_INT = _check(lambda v: v >= 0, "an integer >= 0")
 _POS = _check(lambda v: v > 0, "a number > 0")
 _NONNEG = _check(lambda v: v >= 0, "a number >= 0")
 _FRACTION = _check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+SEED_MAX = 2 ** 63 - 1        # seeds are non-negative signed 64-bit integers
+_SEED = _check(lambda v: 0 <= v <= SEED_MAX, "an integer in [0, 2**63 - 1]")
 
 
 # ----------------------------------------------------------------------------- data
@@ -329,12 +337,20 @@ class EngineConfig:
     cohort; or an integer). unroll: local step scan unroll. devices: how many local
     devices the cohort is sharded over (``auto``: all; the CLI exposes every CPU core as
     a device). group_by_size: chunks hold clients of similar size (skewed populations
-    then skip most padded steps).
+    then skip most padded steps). backend: how the cohort is split over the devices,
+    ``shard_map`` or the classic ``pmap`` (same results). micro_cohort: null, or how many
+    clients' updates exist at once: the FedAvg family with a linear aggregator (mean,
+    norm_bound, dp_gaussian, dp_ftrl) then runs the cohort in micro-cohorts of that
+    many clients with a running weighted sum (same result to float tolerance).
     """
     chunk_size: Union[int, Literal["auto", "all"]] = "auto"
     unroll: int = field(default=4, metadata=_POS_INT)
     devices: Union[int, Literal["auto"]] = "auto"
     group_by_size: bool = True
+    backend: Literal["shard_map", "pmap"] = "shard_map"
+    micro_cohort: Union[int, None] = field(
+        default=None, metadata=_check(lambda v: v is None or v > 0,
+                                      "a positive integer or null"))
 
 
 @dataclass(frozen=True)
@@ -351,7 +367,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = field(default=0, metadata=_NONNEG_INT)
+    seed: int = field(default=0, metadata=_SEED)
     rounds: int = field(default=100, metadata=_POS_INT)
     eval_every: int = field(default=5, metadata=_POS_INT)
     checkpoint_every: int = field(default=10, metadata=_NONNEG_INT)  # 0: only at the end

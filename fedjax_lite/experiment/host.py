@@ -32,3 +32,36 @@ def configure_host() -> None:
         libc.mallopt(-3, 32 * 2**20)     # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+CACHE_ENV = "FEDJAX_LITE_COMPILE_CACHE"
+
+
+def compile_cache_dir() -> str | None:
+    """Where compiled programs are cached across runs: ``$FEDJAX_LITE_COMPILE_CACHE`` (a
+    folder; ``0`` or empty turns the cache off), else ``$XDG_CACHE_HOME/fedjax_lite/jax``
+    (``~/.cache/fedjax_lite/jax``)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip() in ("", "0", "off", "false") else value
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fedjax_lite", "jax")
+
+
+def enable_compile_cache(enabled: bool = True) -> str | None:
+    """Turns on JAX's persistent compilation cache (every program, however quick to
+    compile), so a second run of the same shapes loads its programs instead of compiling
+    them. Returns the folder, or None when off (``enabled`` False, the environment
+    variable, or a folder that cannot be created)."""
+    path = compile_cache_dir() if enabled else None
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    import jax
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

@@ -101,10 +101,16 @@ def plot_curves(path: str, rows: list[dict], title: str = "") -> None:
              if ranking else
              (("eval_accuracy", "example-weighted"), ("eval_accuracy_client_mean",
                                                       "client mean")))
+    later = []
     for key, label in panel:
         pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             axes[1].plot(*zip(*pts), marker=".", label=label)
+            later += [v for _, v in pts[max(1, len(pts) // 10):]]
+    if later:      # zoom to the progress after the first tenth (round 0 may fall off)
+        lo, hi = min(later), max(later)
+        pad = max(0.05 * (hi - lo), 1e-3)
+        axes[1].set_ylim(lo - pad, hi + pad)
     axes[1].set_xlabel("round")
     axes[1].set_ylabel("held-out rating error" if ratings else "held-out ranking"
                        if ranking else "eval accuracy")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -28,6 +29,8 @@ from fedjax_lite.experiment import build_recsys, privacy_run
 from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm, build_data,
                                              build_model, engine_options)
 from fedjax_lite.experiment.checkpoint import Checkpointer
+from fedjax_lite.experiment.config_schema import OutputError
+from fedjax_lite.experiment.interrupt import Interrupted, Interrupts
 from fedjax_lite.experiment.outputs import (MetricsWriter, plot_curves, read_metrics,
                                             save_params, save_per_user, write_json)
 
@@ -57,28 +60,46 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
 
 
 def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, interrupts: Interrupts | None = None) -> dict:
     """Runs ``config``, writing outputs to ``out_dir``; returns the summary dict.
 
     Raises:
       ConfigError (bad config / resume mismatch), DataError (bad data),
-      DivergenceError (non-finite loss), FileNotFoundError (missing files).
+      DivergenceError (non-finite loss), FileNotFoundError (missing files),
+      OutputError (the output folder), CheckpointError (no usable checkpoint),
+      Interrupted (a signal in ``interrupts``: the last finished round is checkpointed).
     """
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"--out {out_dir} is a file, not a folder")
     config_path = os.path.join(out_dir, "config.yaml")
     resolved = cfg.to_dict(config)
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"))
-    if not resume and ckpt.latest_round() is not None:
-        raise cfg.ConfigError(f"{out_dir} already holds a run (checkpoints up to round "
-                              f"{ckpt.latest_round()}); pass --resume to continue it or "
-                              "choose another --out (nothing was overwritten)")
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    # nothing is created before validation passes: the checkpoint folder is opened only
+    # if it exists, and created after the run's data, model and program are built
+    ckpt = Checkpointer(ckpt_dir, create=False) if os.path.isdir(ckpt_dir) else None
+    latest = ckpt.latest_round() if ckpt is not None else None
+    if not resume and latest is not None:
+        raise OutputError(f"{out_dir} already holds a run (checkpoints up to round "
+                          f"{latest}); pass --resume to continue it or choose another "
+                          "--out (nothing was overwritten)")
     if resume:
-        if not os.path.exists(config_path) or ckpt.latest_round() is None:
-            raise cfg.ConfigError(f"--resume: no checkpoint to resume from in {out_dir}")
+        if not os.path.exists(config_path) or latest is None:
+            raise OutputError(f"--resume: no checkpoint to resume from in {out_dir}")
         saved = cfg.to_dict(cfg.parse(cfg.load_raw(config_path)))
-        diff = _first_difference(saved, resolved)
+        diff = _first_difference({**saved, "rounds": None}, {**resolved, "rounds": None})
         if diff:
             raise cfg.ConfigError(f"--resume: config differs from {config_path}: {diff}")
+        if saved["rounds"] != config.rounds:
+            # only extending (or shortening to no less than the saved rounds) is safe, and
+            # only where rounds does not enter the round itself (a DP run's accounting
+            # and Poisson cohort bound depend on the total)
+            if config.is_private:
+                raise cfg.ConfigError(f"--resume: rounds differs from {config_path} "
+                                      f"({saved['rounds']} saved, {config.rounds} now); a "
+                                      "DP run's accounting is fixed for its rounds")
+            if config.rounds < latest:
+                raise cfg.ConfigError(f"--resume: rounds={config.rounds} is below the "
+                                      f"latest checkpoint (round {latest})")
 
     recommender = config.algorithm.name in cfg.RECOMMENDATION_ALGORITHMS
     try:
@@ -128,8 +149,11 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             algorithm = build_algorithm(config, model, engine, num_clients=K, privacy=setup)
     except ValueError as e:           # a builder's argument check (names the argument)
         raise cfg.ConfigError(f"config: {e}") from None
+    os.makedirs(out_dir, exist_ok=True)
     with open(config_path, "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
+    if ckpt is None:
+        ckpt = Checkpointer(ckpt_dir)
 
     if config.is_private and config.privacy.secure_mode:
         run_key = privacy_run.secret_run_key(ckpt.directory, resume)
@@ -145,6 +169,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                                   else 4 * engine.chunk_size)
 
     t0 = time.perf_counter()
+    if progress:
+        print("fedjax-lite: compiling the round and the evaluation (kept in the compilation "
+              "cache for later runs of these shapes) ...", file=sys.stderr, flush=True)
     round_fn = jax.jit(build_round(algorithm, num_clients=K, clients_per_round=C,
                                    sampling=sampling)).lower(
         state, population, round_key(run_key, 0)).compile()
@@ -164,6 +191,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             state.params, test_data).compile()
         evaluate = lambda st, data: compiled(st.params, data)
     compile_s = time.perf_counter() - t0
+    if progress:
+        print(f"fedjax-lite: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
 
     start, elapsed_before = 0, 0.0
     writer_keep = None
@@ -171,6 +200,12 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     window = dict(empty_window)
     if resume:
         start, state, _, meta = ckpt.restore(state, run_key)
+        for bad, why in ckpt.skipped:
+            print(f"fedjax-lite: checkpoint of round {bad} is unusable ({why}); moved to "
+                  f"{os.path.join(out_dir, 'checkpoints_unusable')}", file=sys.stderr)
+        if ckpt.skipped:
+            print(f"fedjax-lite: resuming from round {start}, the newest usable checkpoint",
+                  file=sys.stderr)
         elapsed_before = float(meta.get("wall_s", 0.0))
         window = dict(meta.get("window", window))
         writer_keep = start
@@ -212,8 +247,15 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         last_row = eval_row(0, state, window)
     bar = _progress(config.rounds, start, progress)
     last_saved = start if resume else None
+    if interrupts is not None:
+        interrupts.out_dir = out_dir
+        interrupts.phase = "training"
     try:
         for r in range(start, config.rounds):
+            if interrupts is not None and interrupts.requested:
+                if last_saved != r:
+                    save(r, state, window)
+                raise Interrupted(interrupts.requested, r)
             if ledger is not None and ledger.would_exceed(r + 1):
                 save(r, state, window)
                 raise cfg.ConfigError(f"privacy budget: round {r + 1} would exceed "
@@ -257,7 +299,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             if done % config.eval_every == 0 or done == config.rounds:
                 last_row = eval_row(done, state, window)
                 window = dict(empty_window)
-                shown = ({"loss": f"{loss:.4f}", "cps": f"{C / dt:,.0f}"} if show_loss
+                shown = ({"loss": f"{loss:.4f}", "last_round_cps": f"{C / dt:,.0f}"}
+                         if show_loss
                          else {"eps": f"{last_row.get('epsilon') or float('inf'):.3g}"})
                 main_metric = ("eval_accuracy" if not recommender else "eval_rmse"
                                if "eval_rmse" in last_row else "eval_hr10")
@@ -267,8 +310,14 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                 save(done, state, window)
                 last_saved = done
             bar.update(1)
+        if interrupts is not None and interrupts.requested:   # during the last round
+            if last_saved != config.rounds:
+                save(config.rounds, state, window)
+            raise Interrupted(interrupts.requested, config.rounds)
     finally:
         bar.close()
+        if interrupts is not None:
+            interrupts.phase = "setup"        # writing outputs: a signal exits at once
     if last_saved != config.rounds:
         save(config.rounds, state, window)
     ckpt.close()
@@ -285,6 +334,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         "rounds": config.rounds,
         "final": dict(last_row or {}),
         "wall_s": wall(),
+        # time in the rounds themselves (this process), without compiling, evaluating
+        # and writing; wall_s counts from the end of compilation (and across resumes)
+        "train_s": total["time"],
         "clients_per_s": (C * total["rounds"] / total["time"]) if total["rounds"] else None,
         "compile_s": compile_s,
         "seed": config.seed,
@@ -311,6 +363,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
 def check_static_cohort(config: cfg.Config, cohort: int) -> None:
     """Aggregator settings that depend on the static cohort size, checked before anything
     compiles or is written (ConfigError naming the key)."""
+    from fedjax_lite.experiment.config_checks import check_robust_cohort
+    check_robust_cohort(config, cohort)          # krum / multi_krum
     g = config.aggregator
     if g.name not in ("secure_mean", "dp_secure_mean"):
         return
@@ -334,4 +388,4 @@ def _progress(total: int, initial: int, enabled: bool):
                 unit="round", dynamic_ncols=True, mininterval=0.5)
 
 
-__all__ = ["DataError", "DivergenceError", "SamplingError", "run"]
+__all__ = ["DataError", "DivergenceError", "OutputError", "SamplingError", "run"]

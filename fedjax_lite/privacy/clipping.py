@@ -23,6 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_lite.core.aggregators import flatten_updates
+
 
 class Clipped(NamedTuple):
     rows: jax.Array       # float[C, D]: each row's L2 norm <= S (zero outside mask)
@@ -59,12 +61,36 @@ def clip_metrics(clipped: Clipped, m: jax.Array) -> dict:
     """Round metrics of a clip over ``m`` reporting clients: ``clipped_fraction`` and
     ``nonfinite_clients`` (both NOT private: diagnostics), ``num_reporting``,
     ``no_client_reported``."""
+    return clip_count_metrics(jnp.sum(clipped.clipped), jnp.sum(clipped.nonfinite), m)
+
+
+def clip_count_metrics(num_clipped: jax.Array, num_nonfinite: jax.Array,
+                       m: jax.Array) -> dict:
+    """:func:`clip_metrics` from the counts (int) of clipped and non-finite rows."""
     m_f = m.astype(jnp.float32)
-    return {"clipped_fraction": jnp.sum(clipped.clipped).astype(jnp.float32)
-            / jnp.maximum(m_f, 1.0),
-            "nonfinite_clients": jnp.sum(clipped.nonfinite).astype(jnp.float32),
+    return {"clipped_fraction": num_clipped.astype(jnp.float32) / jnp.maximum(m_f, 1.0),
+            "nonfinite_clients": num_nonfinite.astype(jnp.float32),
             "num_reporting": m_f,
             "no_client_reported": (m == 0).astype(jnp.float32)}
+
+
+def clipped_sums(deltas, weights: jax.Array, clip_norm) -> dict:
+    """The additive part of a clip-and-sum mechanism over a group of clients: ``sum``
+    (pytree shaped like one update: sum_k clip(Delta_k, S) over reporting clients),
+    ``m`` (reporting clients), ``clipped``, ``nonfinite`` and ``unclipped`` (reporting
+    clients with norm <= S) counts, all int32. Sums of disjoint groups add
+    (``Reduction.partial`` of the DP aggregators)."""
+    flat, mask, m, unravel = flatten_updates(deltas, weights)
+    clipped = clip_rows(flat, mask, clip_norm)
+    count = lambda b: jnp.sum(b, dtype=jnp.int32)
+    return {"sum": unravel(jnp.sum(clipped.rows, axis=0)), "m": m,
+            "clipped": count(clipped.clipped), "nonfinite": count(clipped.nonfinite),
+            "unclipped": count(mask & ~clipped.clipped)}
+
+
+def clipped_sums_metrics(sums: dict) -> dict:
+    """:func:`clip_metrics` of :func:`clipped_sums`."""
+    return clip_count_metrics(sums["clipped"], sums["nonfinite"], sums["m"])
 
 
 def _pow2(k: jax.Array, dtype) -> jax.Array:
@@ -73,4 +99,5 @@ def _pow2(k: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
 
 
-__all__ = ["Clipped", "clip_metrics", "clip_rows"]
+__all__ = ["Clipped", "clip_count_metrics", "clip_metrics", "clip_rows", "clipped_sums",
+           "clipped_sums_metrics"]

@@ -52,8 +52,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fedjax_lite.core.aggregators import Aggregator, flatten_updates
-from fedjax_lite.privacy.clipping import clip_metrics, clip_rows
+from fedjax_lite.core.aggregators import Aggregator, Reduction, reduced
+from fedjax_lite.privacy.clipping import clipped_sums, clipped_sums_metrics
 # the round's node noise is drawn from the same key stream as the Gaussian mechanism's
 from fedjax_lite.privacy.gaussian import DP_NOISE_STREAM
 
@@ -136,11 +136,13 @@ def dp_ftrl(clip_norm: float, noise_multiplier: float, expected_clients: float, 
         return TreeState(jnp.zeros((), jnp.int32), jnp.zeros((H,) + flat.shape, flat.dtype),
                          jnp.zeros(flat.shape, flat.dtype))
 
-    def apply(deltas, weights, state, key):
-        flat, mask, m, unravel = flatten_updates(deltas, weights)
-        dtype = flat.dtype
-        clipped = clip_rows(flat, mask, S)
-        leaf = jnp.sum(clipped.rows, axis=0)                      # g_t
+    def partial(deltas, weights, state):
+        del state
+        return clipped_sums(deltas, weights, S)
+
+    def finalize(sums, state, key):
+        leaf, unravel = ravel_pytree(sums["sum"])                 # g_t
+        dtype = leaf.dtype
 
         fresh_tree = state.round_in_tree >= T
         t = jnp.where(fresh_tree, 1, state.round_in_tree + 1)     # 1..T
@@ -163,11 +165,11 @@ def dp_ftrl(clip_norm: float, noise_multiplier: float, expected_clients: float, 
             "clip_norm": jnp.asarray(S, jnp.float32),
             "tree_round": t.astype(jnp.float32),
             "noise_std": (z * S / denom) * jnp.sqrt(popcount[t]),
-            **clip_metrics(clipped, m),
+            **clipped_sums_metrics(sums),
         }
         return unravel(out), TreeState(t.astype(jnp.int32), nodes, noise), metrics
 
-    return Aggregator(init, apply, private=True)
+    return reduced(init, Reduction(partial, finalize), private=True)
 
 
 __all__ = ["TreeState", "dp_ftrl", "tree_depth",

@@ -70,8 +70,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.core.aggregators import Aggregator, flatten_updates
-from fedjax_lite.privacy.clipping import clip_metrics, clip_rows
+from jax.flatten_util import ravel_pytree
+
+from fedjax_lite.core.aggregators import Aggregator, Reduction, reduced
+from fedjax_lite.privacy.clipping import clipped_sums, clipped_sums_metrics
 
 # Stream constants folded into the round's aggregation key. DP_NOISE_STREAM is the one the
 # earlier dp_gaussian used for its update noise: keep it, so that noise stays as before.
@@ -174,12 +176,13 @@ def dp_gaussian(clip_norm: float, noise_multiplier: float, expected_clients: flo
             return ()
         return AdaptiveClipState(jnp.asarray(S0, jnp.float32))
 
-    def apply(deltas, weights, state, key):
-        flat, mask, m, unravel = flatten_updates(deltas, weights)
-        dtype = flat.dtype
+    def partial(deltas, weights, state):
+        return clipped_sums(deltas, weights, S0 if adaptive is None else state.clip_norm)
+
+    def finalize(sums, state, key):
+        total, unravel = ravel_pytree(sums["sum"])      # sum_k clip(Delta_k, S_t), flat
+        dtype = total.dtype
         s_t = S0 if adaptive is None else state.clip_norm
-        clipped = clip_rows(flat, mask, s_t)
-        total = jnp.sum(clipped.rows, axis=0)
         noise_key = jax.random.fold_in(key, DP_NOISE_STREAM)
         if adaptive is None:
             # the same operations as before, so the released noise is bit-identical
@@ -189,15 +192,15 @@ def dp_gaussian(clip_norm: float, noise_multiplier: float, expected_clients: flo
                 z_delta * s_t).astype(dtype)
         out = (total + noise) / denom
 
-        m_f = m.astype(jnp.float32)
+        m_f = sums["m"].astype(jnp.float32)
         metrics = {
             "clip_norm": jnp.asarray(s_t, jnp.float32),
             "noise_std": jnp.asarray(z_delta * s_t / denom, jnp.float32),
-            **clip_metrics(clipped, m),
+            **clipped_sums_metrics(sums),
         }
         if adaptive is not None:
-            unclipped = mask & ~clipped.clipped            # b_k, reporting clients only
-            centred = jnp.sum(unclipped.astype(jnp.float32)) - 0.5 * m_f
+            # b_k, reporting clients only
+            centred = sums["unclipped"].astype(jnp.float32) - 0.5 * m_f
             count_noise = sigma_b * jax.random.normal(
                 jax.random.fold_in(key, DP_COUNT_STREAM), (), jnp.float32)
             b_noisy = (centred + count_noise) / denom + 0.5
@@ -208,7 +211,7 @@ def dp_gaussian(clip_norm: float, noise_multiplier: float, expected_clients: flo
             metrics["clipped_fraction_noisy"] = (1.0 - b_noisy).astype(jnp.float32)
         return unravel(out), state, metrics
 
-    return Aggregator(init, apply, private=True)
+    return reduced(init, Reduction(partial, finalize), private=True)
 
 
 __all__ = ["DP_COUNT_STREAM", "DP_NOISE_STREAM", "AdaptiveClipState", "AdaptiveClipping",
