@@ -1,10 +1,10 @@
 """Engine backends (shard_map, pmap, one device) and micro-cohorts give the same round.
 
 * ``engine.backend``: the cohort split over 8 (or 4) virtual CPU devices by
-  ``jax.shard_map`` or ``jax.pmap`` == the same round on one device, for FedAvg (Adam
-  clients: the shard_map grad trap of PLATFORM.md would show) and FCF (recommenders use
-  map_cohort too); cohorts not divisible by the device count (7 on 8, 13 on 4) are padded
-  with clients that add nothing. JAX fixes its device count at import, so these run in a
+  ``jax.shard_map`` or ``jax.pmap`` == the same round on one device, for FedAvg (the
+  shard_map grad trap of PLATFORM.md would show), also in micro-cohorts, and FCF
+  (recommenders use map_cohort too); cohorts not divisible by the device count (7 on 8,
+  13 on 4) are padded with clients that add nothing. JAX fixes its device count at import, so these run in a
   subprocess (as tests/test_sharding.py does).
 * ``engine.micro_cohort``: a running sum over micro-cohorts == the one-shot round, for
   mean and dp_gaussian (the same noise key) with FedAvg and FedProx; aggregators that
@@ -70,28 +70,26 @@ SCRIPT = textwrap.dedent("""
                 engine))(place(pop, engine, mesh))
             out[f"map_{C}_{name}"] = np.asarray(sums).tolist() + np.asarray(n).tolist()
 
-    # FedAvg rounds: Adam clients, cohorts of 7 on 8 devices and 13 on 4 devices, and
-    # pmap with micro-cohorts of 5
+    # FedAvg rounds, a cohort of 7 on 8 devices; and pmap with micro-cohorts of 3 (three
+    # micro-cohorts, the last one padded, each padded to the 8 devices)
     pop = synthetic_logistic(num_clients=23, num_features=4, mean_examples=7, seed=3)
     model = logistic_regression(4)
-    for C, devices in [(7, 8), (13, 4)]:
-        mesh, cases = engines(devices, 2)
-        if C == 13:
-            cases.append(("pmap_micro", EngineOptions(chunk_size=2, mesh=mesh,
-                                                      backend="pmap", micro_cohort=5)))
-        for name, engine in cases:
-            alg = fedavg(model, client_optimizer=optax.adam(0.05),
-                         server_optimizer=optax.sgd(1.0), local_epochs=1, batch_size=4,
-                         engine=engine)
-            round_fn = jax.jit(build_round(alg, num_clients=23, clients_per_round=C))
-            data = place(pop.arrays(), engine, mesh)
-            state = alg.init(model.init(jax.random.key(0)))
-            losses = []
-            for r in range(2):
-                state, m = round_fn(state, data, round_key(jax.random.key(1), r))
-                losses.append(float(m["train_loss"]))
-            out[f"fedavg_{C}_{name}"] = (np.asarray(state.params["w"]).tolist()
-                                         + [float(state.params["b"])] + losses)
+    mesh, cases = engines(8, 2)
+    cases.append(("pmap_micro", EngineOptions(chunk_size=2, mesh=mesh, backend="pmap",
+                                              micro_cohort=3)))
+    for name, engine in cases:
+        alg = fedavg(model, client_optimizer=optax.sgd(0.3, momentum=0.5),
+                     server_optimizer=optax.sgd(1.0), local_epochs=1, batch_size=4,
+                     engine=engine)
+        round_fn = jax.jit(build_round(alg, num_clients=23, clients_per_round=7))
+        data = place(pop.arrays(), engine, mesh)
+        state = alg.init(model.init(jax.random.key(0)))
+        losses = []
+        for r in range(2):
+            state, m = round_fn(state, data, round_key(jax.random.key(1), r))
+            losses.append(float(m["train_loss"]))
+        out[f"fedavg_{name}"] = (np.asarray(state.params["w"]).tolist()
+                                 + [float(state.params["b"])] + losses)
 
     # FCF: sparse item updates and private user factors, 7 users of 20 on 8 devices
     rng = np.random.default_rng(0)
@@ -116,44 +114,36 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+class _MultiDevice:
+    """SCRIPT in a subprocess with 8 virtual CPU devices, started at once and read when
+    a test needs its results (so the in-process tests below run alongside it)."""
+
+    def __init__(self):
+        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+        self.proc = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out = None
+
+    def __getitem__(self, key):
+        if self.out is None:
+            stdout, stderr = self.proc.communicate(timeout=600)
+            assert self.proc.returncode == 0, stderr[-3000:]
+            self.out = {k: np.asarray(v) for k, v in
+                        json.loads(stdout.strip().splitlines()[-1]).items()}
+        return self.out[key]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
 @pytest.fixture(scope="module")
 def multi_device():
-    env = {**os.environ, "PYTHONPATH": ROOT,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {k: np.asarray(v) for k, v in
-            json.loads(proc.stdout.strip().splitlines()[-1]).items()}
-
-
-@pytest.mark.parametrize("cohort", [13, 7])
-def test_map_cohort_pads_non_divisible_cohorts_exactly(multi_device, cohort):
-    """Per-client outputs (cohort order, padding dropped) are the one-device ones."""
-    one = multi_device[f"map_{cohort}_one"]
-    counts = synthetic_logistic(num_clients=20, num_features=3, mean_examples=6,
-                                seed=1).n[(np.arange(cohort) * 3) % 20]
-    np.testing.assert_array_equal(one[cohort:], counts)
-    for backend in ("shard_map", "pmap"):
-        np.testing.assert_allclose(multi_device[f"map_{cohort}_{backend}"], one,
-                                   rtol=1e-6, atol=1e-6, err_msg=backend)
-
-
-@pytest.mark.parametrize("cohort", [7, 13])
-def test_fedavg_round_same_on_one_device_shard_map_and_pmap(multi_device, cohort):
-    one = multi_device[f"fedavg_{cohort}_one"]
-    assert np.max(np.abs(one[:4])) > 1e-2            # the model moved
-    names = ["shard_map", "pmap"] + (["pmap_micro"] if cohort == 13 else [])
-    for name in names:
-        np.testing.assert_allclose(multi_device[f"fedavg_{cohort}_{name}"], one,
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
-
-
-def test_fcf_round_same_on_one_device_shard_map_and_pmap(multi_device):
-    one = multi_device["fcf_one"]
-    for name in ("shard_map", "pmap"):
-        np.testing.assert_allclose(multi_device[f"fcf_{name}"], one, rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+    run = _MultiDevice()
+    yield run
+    run.close()
 
 
 # ------------------------------------------------------------------- micro-cohorts
@@ -164,7 +154,7 @@ MODEL = logistic_regression(4)
 
 
 def _rounds(build, engine, aggregator, faults=Faults(), rounds=2):
-    alg = build(MODEL, client_optimizer=optax.adam(0.05), server_optimizer=optax.sgd(1.0),
+    alg = build(MODEL, client_optimizer=optax.sgd(0.3), server_optimizer=optax.sgd(1.0),
                 local_epochs=2, batch_size=3, engine=engine, aggregator=aggregator,
                 faults=faults)
     round_fn = jax.jit(build_round(alg, num_clients=24, clients_per_round=11))
@@ -181,6 +171,7 @@ def _fedprox(model, **kw):
     return fedprox(model, mu=0.1, straggler_fraction=0.3, **kw)
 
 
+@pytest.mark.usefixtures("multi_device")   # starts the subprocess: it runs alongside
 @pytest.mark.parametrize("build,aggregator,faults", [
     (fedavg, mean(), Faults(dropout=0.3, attack="sign_flip", scale=2.0,
                             attackers=jnp.arange(24) % 5 == 0)),
@@ -228,3 +219,34 @@ def test_micro_cohort_refusals_name_the_key():
         fedavg(MODEL, aggregator=median(), **sgd)
     with pytest.raises(ValueError, match=r"engine\.micro_cohort.*scaffold"):
         scaffold(MODEL, num_clients=24, **sgd)
+
+
+# ------------------------------------------------- backends (8-device subprocess)
+
+@pytest.mark.parametrize("cohort", [13, 7])
+def test_map_cohort_pads_non_divisible_cohorts_exactly(multi_device, cohort):
+    """Per-client outputs (cohort order, padding dropped) are the one-device ones."""
+    one = multi_device[f"map_{cohort}_one"]
+    counts = synthetic_logistic(num_clients=20, num_features=3, mean_examples=6,
+                                seed=1).n[(np.arange(cohort) * 3) % 20]
+    np.testing.assert_array_equal(one[cohort:], counts)
+    for backend in ("shard_map", "pmap"):
+        np.testing.assert_allclose(multi_device[f"map_{cohort}_{backend}"], one,
+                                   rtol=1e-6, atol=1e-6, err_msg=backend)
+
+
+def test_fedavg_round_same_on_one_device_shard_map_and_pmap(multi_device):
+    """7 clients on 8 devices (one padding slot), two rounds with momentum clients: the
+    grad trap (grad w.r.t. the replicated model summed over devices) would show."""
+    one = multi_device["fedavg_one"]
+    assert np.max(np.abs(one[:4])) > 1e-2            # the model moved
+    for name in ("shard_map", "pmap", "pmap_micro"):
+        np.testing.assert_allclose(multi_device[f"fedavg_{name}"], one, rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+
+
+def test_fcf_round_same_on_one_device_shard_map_and_pmap(multi_device):
+    one = multi_device["fcf_one"]
+    for name in ("shard_map", "pmap"):
+        np.testing.assert_allclose(multi_device[f"fcf_{name}"], one, rtol=1e-5, atol=1e-6,
+                                   err_msg=name)

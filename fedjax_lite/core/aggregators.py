@@ -12,6 +12,11 @@ Builders: ``mean`` (FedAvg) and the robust ``median``, ``trimmed_mean`` (Yin et 
 al. 2022) and ``norm_bound`` (clip to an L2 ball, then the weighted mean). The privacy
 mechanisms (DP-FedAvg's Gaussian mechanism, DP-FTRL, secure aggregation) are aggregators
 of the same shape in ``fedjax_lite.privacy``.
+
+Aggregators that are a sum over clients followed by a finalization (``mean``,
+``norm_bound``, ``dp_gaussian``, ``dp_ftrl``) carry that form as ``Aggregator.reduction``
+(:class:`Reduction`), so a cohort can be aggregated a micro-cohort at a time
+(``engine.micro_cohort``, :mod:`fedjax_lite.core.micro`); the others leave it None.
 """
 
 from __future__ import annotations
