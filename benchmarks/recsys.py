@@ -69,9 +69,10 @@ LOCAL_EPOCHS, BATCH, CLIENT_LR, SERVER_LR = 1, 16, 0.05, 1.0
 
 
 def workload_config(users: int, items: int, ratings: int, dim: int, cohort: int,
-                    seed: int) -> dict:
+                    seed: int, micro_cohort: int | None = None) -> dict:
     """The raw config (as a YAML file would give it) of the measured run."""
     return {
+        **({"engine": {"micro_cohort": micro_cohort}} if micro_cohort else {}),
         "seed": seed, "rounds": 1,
         "data": {"kind": "synthetic_ratings", "num_users": users, "num_items": items,
                  "num_ratings": ratings},
@@ -497,6 +498,8 @@ def main(argv=None):
     ap.add_argument("--cohort", type=int, default=1000, help="large: users per round")
     ap.add_argument("--dim", type=int, default=32, help="MF dimension k (both workloads)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--micro-cohort", type=int, default=None,
+                    help="large: engine.micro_cohort (users whose row updates exist at once)")
     ap.add_argument("--rounds", type=int, default=20, help="timed rounds per implementation")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds per implementation")
     ap.add_argument("--check-tol", type=float, default=1e-4,
@@ -529,7 +532,7 @@ def main(argv=None):
     configure_host()             # so the recorded devices / XLA_FLAGS are the children's
     specs = {
         "large": workload_config(args.users, args.items, args.ratings, args.dim,
-                                 args.cohort, args.seed),
+                                 args.cohort, args.seed, args.micro_cohort),
         "ml100k": workload_config(943, 1682, 100_000, args.dim, 943, args.seed),
     }
     names = [s for s in args.workloads.split(",") if s]

@@ -71,3 +71,34 @@ def test_plain_sgd_detection():
     assert plain_sgd_lr(OptimizerConfig("sgd", {"learning_rate": 0.05,
                                                 "nesterov": True})) is None
     assert plain_sgd_lr(OptimizerConfig("adam", {"learning_rate": 0.05})) is None
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_fcf_micro_cohorts_equal_the_one_shot_round(dp):
+    """engine.micro_cohort for FCF: the sparse aggregators are reductions, so a round a
+    few users at a time (only [micro, N, k] of row updates at once) equals the one-shot
+    round -- item tables, private factors, metrics -- under dropout, with and without
+    the sparse Gaussian mechanism (the same noise: drawn once, from the same key)."""
+    from fedjax_lite.core.faults import Faults
+    from fedjax_lite.core.sparse import sparse_mean
+    from fedjax_lite.privacy.sparse_dp import dp_sparse_gaussian
+    pop = _population()
+    model = MatrixFactorization(num_items=I, dim=DIM, l2=0.03)
+    out = []
+    for micro in (None, 3):
+        agg = (dp_sparse_gaussian(I, 0.3, 1.0, 8.0) if dp else sparse_mean(I, "raters"))
+        alg = fcf(model, num_users=U, init_key=jax.random.key(1),
+                  client_optimizer=optax.sgd(LR), server_optimizer=optax.sgd(1.5),
+                  local_epochs=2, batch_size=4, aggregator=agg, faults=Faults(dropout=0.3),
+                  engine=EngineOptions(chunk_size=2, micro_cohort=micro), row_sgd_lr=LR)
+        state = alg.init(model.init_global(jax.random.key(0)))
+        round_fn = jax.jit(build_round(alg, num_clients=U, clients_per_round=8))
+        for r in range(2):
+            state, m = round_fn(state, pop, round_key(jax.random.key(5), r))
+        out.append((jax.tree.map(np.asarray, state), {k: float(v) for k, v in m.items()}))
+    (one, m_one), (micro, m_micro) = out
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(micro)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert m_one.keys() == m_micro.keys()
+    for k in m_one:
+        assert m_micro[k] == pytest.approx(m_one[k], rel=1e-5, abs=1e-6), k

@@ -40,7 +40,7 @@ from fedjax_lite.core import client_state
 from fedjax_lite.core.aggregators import Aggregator
 from fedjax_lite.core.faults import Faults, apply_faults
 from fedjax_lite.core.local import local_train_chunk, row_step
-from fedjax_lite.core.micro import check_micro_cohort
+from fedjax_lite.core.micro import check_micro_cohort, micro_uplink_aggregate
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
 from fedjax_lite.core.sparse import SparseUpdate, sparse_mean
@@ -75,10 +75,10 @@ def fcf(model: MatrixFactorization, *, num_users: int, init_key: jax.Array,
     items) per step).
     """
     check_weighting(weighting)
-    check_micro_cohort(engine, algorithm="fcf")
     if faults.attack is not None or faults.compressor is not None or faults.error_feedback:
         raise ValueError("fcf: only dropout faults apply to sparse item updates")
     aggregator = aggregator or sparse_mean(model.num_items, item_aggregation)
+    check_micro_cohort(engine, aggregator, faults, algorithm="fcf")
 
     def init(params) -> FcfState:
         return FcfState(params, server_optimizer.init(params), aggregator.init(params),
@@ -110,12 +110,26 @@ def fcf(model: MatrixFactorization, *, num_users: int, init_key: jax.Array,
         private = client_state.gather(state.private, cohort)
         chunk_fn = local_training_chunk(lambda *a: client_update(state.params, *a),
                                         local_epochs=local_epochs)
-        update, new_private, stats = map_cohort(chunk_fn, cohort, (keys, private), engine)
-        _, weights, fault_metrics = apply_faults(faults, update.dense,
-                                                 client_weights(cohort, weighting),
-                                                 cohort.index, agg_key)
-        delta, agg_state, agg_metrics = aggregator.apply(update, weights, state.agg_state,
-                                                         agg_key)
+        if engine.micro_cohort is not None:
+            # micro-cohorts: only [micro_cohort, N, k] of row updates exist at a time,
+            # summed into the [I, k] tables as they come (the aggregator's Reduction)
+            def split_outputs(*a):
+                update, new_private, stats = chunk_fn(*a)
+                return update, (new_private, stats)
+            delta, weights, agg_state, (new_private, stats), fault_metrics = (
+                micro_uplink_aggregate(split_outputs, cohort, (keys, private),
+                                       client_weights(cohort, weighting), state.agg_state,
+                                       agg_key, aggregator=aggregator, faults=faults,
+                                       options=engine))
+            agg_metrics = {}
+        else:
+            update, new_private, stats = map_cohort(chunk_fn, cohort, (keys, private),
+                                                    engine)
+            _, weights, fault_metrics = apply_faults(faults, update.dense,
+                                                     client_weights(cohort, weighting),
+                                                     cohort.index, agg_key)
+            delta, agg_state, agg_metrics = aggregator.apply(update, weights,
+                                                             state.agg_state, agg_key)
         params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
                                           delta, weights, always=aggregator.private)
         private = client_state.scatter(state.private, cohort, new_private, keep=weights <= 0)

@@ -1,7 +1,8 @@
 """Cohorts larger than device memory: micro-cohorts and a running sum.
 
 With ``EngineOptions.micro_cohort = M`` a FedAvg-family round never holds the [C, params]
-stack of client updates. The cohort is cut into ceil(C / M) micro-cohorts of at most M
+stack of client updates (nor an FCF round the [C, N, k] stack of its sparse item-row
+updates: ``core.sparse.sparse_mean`` and ``privacy.sparse_dp`` are reductions too). The cohort is cut into ceil(C / M) micro-cohorts of at most M
 clients (sorted by example count first when ``group_by_size``, so a micro-cohort's chunks
 skip the same padded steps as before); a ``lax.scan`` trains one micro-cohort at a time
 (:func:`~fedjax_lite.core.round.map_cohort`: chunks, devices, backends as usual) and adds
@@ -72,7 +73,7 @@ def check_micro_cohort(options: EngineOptions, aggregator: Aggregator | None = N
     if aggregator is None:
         raise ValueError(f"engine.micro_cohort: {algorithm} does not run in micro-cohorts "
                          f"(only the FedAvg family -- fedavg, fedavgm, fedadam, fedyogi, "
-                         f"fedadagrad, fedprox, fedsgd -- does); leave it null")
+                         f"fedadagrad, fedprox, fedsgd -- and fcf do); leave it null")
     problem = micro_cohort_problem(aggregator, faults)
     if problem is not None:
         raise ValueError(f"engine.micro_cohort: {algorithm}: {problem}; leave it null")

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.core.aggregators import Aggregator, reporting_metrics
+from fedjax_lite.core.aggregators import Aggregator, Reduction, reduced, reporting_metrics
 
 NORMALIZATIONS = ("raters", "all")
 
@@ -62,7 +62,9 @@ def row_weights(index: jax.Array, slot_weights: jax.Array, num_rows: int) -> jax
 def sparse_mean(num_rows: int, normalize: str = "raters") -> Aggregator:
     """The weighted mean of sparse updates (FedAvg's, per row): row i's delta is
     sum_c w_c d_{c,i} / (sum of w_c over the clients that touched i) with ``raters``, or
-    / sum_c w_c with ``all``; dense leaves are the plain weighted mean."""
+    / sum_c w_c with ``all``; dense leaves are the plain weighted mean. A sum over
+    clients then a division (a :class:`~fedjax_lite.core.aggregators.Reduction`), so a
+    cohort can be aggregated a micro-cohort at a time (``engine.micro_cohort``)."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
 
@@ -70,29 +72,32 @@ def sparse_mean(num_rows: int, normalize: str = "raters") -> Aggregator:
         del params_like
         return ()
 
-    def apply(update: SparseUpdate, weights, state, key):
-        del key
+    def partial(update: SparseUpdate, weights, state):
+        del state
         reporting = weights > 0
         slot_w = jnp.where(update.mask & reporting[:, None], weights[:, None], 0.0)
-        total = jnp.sum(jnp.where(reporting, weights, 0.0))
-        if normalize == "raters":
-            denom = row_weights(update.index, slot_w, num_rows)
-        else:
-            denom = jnp.full((num_rows,), total)
+        w = jnp.where(reporting, weights, 0.0)
+        return {"rows": {name: scatter_rows(values, update.index, slot_w, num_rows)
+                         for name, values in update.rows.items()},
+                "dense": {name: jnp.tensordot(w.astype(values.dtype), values, axes=1)
+                          for name, values in update.dense.items()},
+                "row_weight": row_weights(update.index, slot_w, num_rows),
+                "total": jnp.sum(w), "count": jnp.sum(reporting.astype(jnp.int32))}
+
+    def finalize(sums, state, key):
+        del key
+        total = sums["total"]
+        denom = sums["row_weight"] if normalize == "raters" else jnp.full((num_rows,), total)
         safe = jnp.where(denom > 0, denom, 1.0)
-        out = {}
-        for name, values in update.rows.items():
-            summed = scatter_rows(values, update.index, slot_w, num_rows)
-            out[name] = summed / safe.reshape((-1,) + (1,) * (summed.ndim - 1))
-        for name, values in update.dense.items():
-            w = jnp.where(reporting, weights, 0.0).astype(values.dtype)
-            out[name] = jnp.tensordot(w, values, axes=1) / jnp.where(total > 0, total, 1.0)
-        metrics = reporting_metrics(jnp.sum(reporting.astype(jnp.int32)))
-        metrics["rows_touched"] = jnp.sum(row_weights(update.index, slot_w, num_rows) > 0
-                                          ).astype(jnp.float32)
+        out = {name: summed / safe.reshape((-1,) + (1,) * (summed.ndim - 1))
+               for name, summed in sums["rows"].items()}
+        for name, summed in sums["dense"].items():
+            out[name] = summed / jnp.where(total > 0, total, 1.0)
+        metrics = reporting_metrics(sums["count"])
+        metrics["rows_touched"] = jnp.sum(sums["row_weight"] > 0).astype(jnp.float32)
         return out, state, metrics
 
-    return Aggregator(init, apply)
+    return reduced(init, Reduction(partial, finalize))
 
 
 def flatten_update(update: SparseUpdate) -> tuple[jax.Array, Any]:

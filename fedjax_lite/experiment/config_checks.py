@@ -266,7 +266,7 @@ def check_config_cohort(config) -> None:
 # engine.micro_cohort (fedjax_lite.core.micro): the FedAvg family, with an aggregator that
 # is a sum over clients then a finalization, and per-client faults.
 MICRO_COHORT_ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-                           "fedprox", "fedsgd")
+                           "fedprox", "fedsgd", "fcf")
 MICRO_COHORT_AGGREGATORS = ("mean", "norm_bound", "dp_gaussian", "dp_ftrl")
 _NEEDS_ALL_UPDATES = {
     "median": "its coordinate-wise median sorts every update",
@@ -289,7 +289,7 @@ def check_engine(config) -> None:
     name = config.algorithm.name
     if name not in MICRO_COHORT_ALGORITHMS:
         raise ConfigError(f"{key}: algorithm {name} does not run in micro-cohorts yet (only "
-                          f"the FedAvg family: {', '.join(MICRO_COHORT_ALGORITHMS)}); "
+                          f"{', '.join(MICRO_COHORT_ALGORITHMS)}); "
                           "leave engine.micro_cohort null")
     agg = config.aggregator.name
     if agg not in MICRO_COHORT_AGGREGATORS:

@@ -17,7 +17,9 @@ merge duplicates), so one client moves the release by at most S in L2 (add/remov
 zero-out; 2S under replace-one) -- accounted like ``dp_gaussian``. Noise goes on every row,
 not only the touched ones: which items were touched is itself the users' data. The
 per-item "raters" normalization is not available here (the number of raters of an item is
-data outside the mechanism); the denominator is the fixed m.
+data outside the mechanism); the denominator is the fixed m. Clipping is per client and
+the rest is a sum, so the mechanism is a :class:`~fedjax_lite.core.aggregators.Reduction`
+(``engine.micro_cohort``): the noise is drawn once, in the finalization.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.core.aggregators import Aggregator, reporting_metrics
+from fedjax_lite.core.aggregators import Aggregator, Reduction, reduced, reporting_metrics
 from fedjax_lite.core.sparse import SparseUpdate, flatten_update, scatter_rows
 from fedjax_lite.privacy.clipping import clip_rows
 from fedjax_lite.privacy.gaussian import DP_NOISE_STREAM
@@ -49,33 +51,39 @@ def dp_sparse_gaussian(num_rows: int, clip_norm: float, noise_multiplier: float,
         del params_like
         return ()
 
-    def apply(update: SparseUpdate, weights, state, key):
+    def partial(update: SparseUpdate, weights, state):
+        del state
         reporting = weights > 0
         flat, unflatten = flatten_update(update)
         clipped = clip_rows(flat, reporting, S)
         update_c = unflatten(clipped.rows)
         slot_w = (update.mask & reporting[:, None]).astype(flat.dtype)
-        names = sorted(update.rows) + sorted(update.dense)
+        return {"rows": {name: scatter_rows(values, update.index, slot_w, num_rows)
+                         for name, values in update_c.rows.items()},
+                "dense": {name: jnp.tensordot(reporting.astype(values.dtype), values,
+                                              axes=1)
+                          for name, values in update_c.dense.items()},
+                "count": jnp.sum(reporting.astype(jnp.int32)),
+                "clipped": jnp.sum(clipped.clipped)}
+
+    def finalize(sums, state, key):
+        names = sorted(sums["rows"]) + sorted(sums["dense"])
         keys = dict(zip(names, jax.random.split(jax.random.fold_in(key, DP_NOISE_STREAM),
                                                 len(names))))
         out = {}
-        for name, values in update_c.rows.items():
-            summed = scatter_rows(values, update.index, slot_w, num_rows)
-            noise = jax.random.normal(keys[name], summed.shape, summed.dtype) * (z * S)
-            out[name] = (summed + noise) / m
-        for name, values in update_c.dense.items():
-            summed = jnp.tensordot(reporting.astype(values.dtype), values, axes=1)
-            noise = jax.random.normal(keys[name], summed.shape, summed.dtype) * (z * S)
-            out[name] = (summed + noise) / m
-        count = jnp.sum(reporting.astype(jnp.int32))
+        for group in ("rows", "dense"):
+            for name, summed in sums[group].items():
+                noise = jax.random.normal(keys[name], summed.shape, summed.dtype) * (z * S)
+                out[name] = (summed + noise) / m
+        count = sums["count"]
         metrics = reporting_metrics(count)
-        metrics["clipped_fraction"] = (jnp.sum(clipped.clipped) / jnp.maximum(count, 1)
+        metrics["clipped_fraction"] = (sums["clipped"] / jnp.maximum(count, 1)
                                        ).astype(jnp.float32)
         metrics["noise_std"] = jnp.asarray(z * S / m, jnp.float32)
         metrics["clip_norm"] = jnp.asarray(S, jnp.float32)
         return out, state, metrics
 
-    return Aggregator(init, apply, private=True)
+    return reduced(init, Reduction(partial, finalize), private=True)
 
 
 __all__ = ["dp_sparse_gaussian"]
