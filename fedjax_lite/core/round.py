@@ -326,6 +326,24 @@ def build_round(algorithm: FederatedAlgorithm, *, num_clients: int,
     return round_fn
 
 
+def build_rounds(round_fn: Callable, num_rounds: int) -> Callable:
+    """``num_rounds`` consecutive rounds as ONE program (``engine.compile_rounds``): a
+    ``lax.scan`` whose round r draws its key on the device as the host loop does,
+    ``round_key(root, r)``, so the states equal the per-round loop's.
+
+    ``rounds_fn(state, population, root, start) -> (state, metrics)``: rounds start ..
+    start + num_rounds - 1; every metric gains a leading axis of num_rounds."""
+    if not (isinstance(num_rounds, int) and num_rounds >= 1):
+        raise ValueError(f"num_rounds must be a positive int, got {num_rounds!r}")
+
+    def rounds_fn(state, population: dict, root: jax.Array, start):
+        def body(st, r):
+            return round_fn(st, population, round_key(root, r))
+        return lax.scan(body, state, start + jnp.arange(num_rounds, dtype=jnp.int32))
+
+    return rounds_fn
+
+
 def client_mesh(devices=None) -> Mesh:
     """A 1-D mesh over ``devices`` (default: all) with axis ``'clients'``."""
     import numpy as np

@@ -342,6 +342,9 @@ class EngineConfig:
     clients' updates exist at once: the FedAvg family with a linear aggregator (mean,
     norm_bound, dp_gaussian, dp_ftrl) then runs the cohort in micro-cohorts of that
     many clients with a running weighted sum (same result to float tolerance).
+    compile_rounds: K rounds run as one compiled program (a ``lax.scan``; no host round
+    trip between them), wherever K rounds fit before the next evaluation or checkpoint;
+    the same states and metrics as K separate rounds.
     """
     chunk_size: Union[int, Literal["auto", "all"]] = "auto"
     unroll: int = field(default=4, metadata=_POS_INT)
@@ -351,6 +354,7 @@ class EngineConfig:
     micro_cohort: Union[int, None] = field(
         default=None, metadata=_check(lambda v: v is None or v > 0,
                                       "a positive integer or null"))
+    compile_rounds: int = field(default=1, metadata=_POS_INT)
 
 
 @dataclass(frozen=True)
