@@ -166,25 +166,31 @@ def _cli(*args):
     return [sys.executable, "-m", "fedjax_lite.experiment.cli", *args]
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    raw = {**SMALL, "rounds": 300, "eval_every": 50, "checkpoint_every": 10}
-    path = write_config(tmp_path, raw)
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("run", path, "--out", str(killed), "--no-progress"),
+def sigkill_after_checkpoint(path, out, at_least: int, env: dict) -> None:
+    """Starts ``fedjax-lite run path --out out`` and SIGKILLs it once a checkpoint of
+    round >= ``at_least`` exists (asserting it had not finished)."""
+    proc = subprocess.Popen(_cli("run", path, "--out", str(out), "--no-progress"),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt_dir = killed / "checkpoints"
+    ckpt_dir = out / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
-        if steps and max(steps) >= 30:
+        if steps and max(steps) >= at_least:
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "params.npz").exists()
+    assert not (out / "params.npz").exists()
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    raw = {**SMALL, "rounds": 300, "eval_every": 50, "checkpoint_every": 10}
+    path = write_config(tmp_path, raw)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    killed = tmp_path / "killed"
+    sigkill_after_checkpoint(path, killed, 30, env)
 
     resumed = subprocess.run(_cli("run", path, "--out", str(killed), "--no-progress",
                                   "--resume"), env=env, capture_output=True, text=True)

@@ -5,17 +5,15 @@ exactly with its persistent private state."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from fedjax_lite.experiment.cli import main
 from fedjax_lite.experiment.outputs import read_metrics
-from test_cli import ROOT, strip_timing, write_config
+from test_cli import ROOT, sigkill_after_checkpoint, strip_timing, write_config
 from test_recsys_run import REC
 
 METHODS = ["fcf", "fedrecon", "centralized", "local_only"]
@@ -87,19 +85,7 @@ def test_fcf_sigkill_then_resume_is_bitwise_exact(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     cli = lambda *a: [sys.executable, "-m", "fedjax_lite.experiment.cli", *a]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli("run", path, "--out", str(killed), "--no-progress"),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt_dir = killed / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
-        if steps and max(steps) >= 20:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "params.npz").exists()
+    sigkill_after_checkpoint(path, killed, 20, env)
     resumed = subprocess.run(cli("run", path, "--out", str(killed), "--no-progress",
                                  "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
