@@ -63,6 +63,19 @@ class Population:
         return {"x": self.x, "y": self.y, "n": self.n}
 
 
+def padded_width(longest: int) -> int:
+    """The example axis's length for a longest client of ``longest`` examples: the next
+    power of two (lengths up to 8 as they are). Populations whose longest clients differ
+    -- another seed of the same generator (a lognormal's largest draw moves by tens of
+    percent between seeds), another split -- then share array shapes, hence compiled
+    programs (the persistent compilation cache). Padding never changes results (every
+    slot past a client's n is masked, and chunks skip the steps only longer clients
+    need); it costs up to 2x the padded arrays' memory (the shuffle network already
+    sorts a power-of-two length)."""
+    longest = max(int(longest), 1)
+    return longest if longest <= 8 else 1 << (longest - 1).bit_length()
+
+
 def from_ragged(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], *,
                 client_ids: Sequence[int] | None = None,
                 num_classes: int | None = None,
@@ -120,7 +133,7 @@ def from_ragged(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], *,
             raise ValueError(f"{source}: client {cid}: label {y[j]} of example {j} is out of "
                              f"range, expected {allowed}")
     n = np.array([len(y) for y in ys], dtype=np.int32)
-    width = max(int(n.max()), 1)
+    width = padded_width(int(n.max()))
     x_out = np.zeros((len(xs), width) + tuple(feature_shape), dtype=np.float32)
     y_out = np.zeros((len(xs), width), dtype=np.int32)
     for k, (x, y) in enumerate(zip(xs, ys)):  # host-side, once, at load time
