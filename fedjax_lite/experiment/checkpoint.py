@@ -11,6 +11,14 @@ the checkpoints newest first; an unusable one (unreadable, missing an item, garb
 metadata, checksum mismatch) is moved to ``DIR/checkpoints_unusable/<round>/`` and named
 with its reason in :attr:`Checkpointer.skipped`; if none is usable,
 :class:`CheckpointError` says why for each.
+
+:meth:`Checkpointer.restore` places the arrays on :attr:`Checkpointer.sharding` (the run's
+replicated sharding), so a checkpoint restores whatever topology wrote it (one process or
+several, any number of devices). With several processes (``jax.distributed``) every
+process calls :meth:`~Checkpointer.save` and :meth:`~Checkpointer.restore` alike: the
+saved items are first placed on ``sharding`` (global arrays; orbax writes them from the
+primary process and reads them in every process); only process 0 moves an unusable
+checkpoint aside.
 """
 
 from __future__ import annotations
@@ -23,6 +31,44 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+def check_resume(config, resolved: dict, config_path: str, latest: int | None) -> None:
+    """``--resume``: the saved run's config (``config_path``) must equal ``config`` except
+    for ``rounds``, which may only grow (or shrink to no less than the latest checkpoint)
+    and not at all in a DP run. Raises OutputError / ConfigError."""
+    from fedjax_lite.experiment import config as cfg
+    from fedjax_lite.experiment.config_schema import OutputError
+    if not os.path.exists(config_path) or latest is None:
+        raise OutputError("--resume: no checkpoint to resume from in "
+                          f"{os.path.dirname(config_path)}")
+    saved = cfg.to_dict(cfg.parse(cfg.load_raw(config_path)))
+    diff = _first_difference({**saved, "rounds": None}, {**resolved, "rounds": None})
+    if diff:
+        raise cfg.ConfigError(f"--resume: config differs from {config_path}: {diff}")
+    if saved["rounds"] != config.rounds:
+        # only extending (or shortening to no less than the saved rounds) is safe, and
+        # only where rounds does not enter the round itself (a DP run's accounting
+        # and Poisson cohort bound depend on the total)
+        if config.is_private:
+            raise cfg.ConfigError(f"--resume: rounds differs from {config_path} "
+                                  f"({saved['rounds']} saved, {config.rounds} now); a "
+                                  "DP run's accounting is fixed for its rounds")
+        if config.rounds < latest:
+            raise cfg.ConfigError(f"--resume: rounds={config.rounds} is below the "
+                                  f"latest checkpoint (round {latest})")
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _first_difference(va, vb, f"{prefix}{k}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{k} ({va!r} in the saved run, {vb!r} now)"
+    return None
 
 
 class CheckpointError(RuntimeError):
@@ -45,9 +91,10 @@ def _reason(e: BaseException) -> str:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 2, create: bool = True):
+    def __init__(self, directory: str, keep: int = 2, create: bool = True, sharding=None):
         self.directory = os.path.abspath(directory)
         self.keep = keep
+        self.sharding = sharding         # where the run's state lives (replicated)
         self.skipped: list[tuple[int, str]] = []     # (round, why) of unusable checkpoints
         self._manager = self._open(create)
 
@@ -64,6 +111,9 @@ class Checkpointer:
 
     def save(self, round_num: int, state: Any, root_key: jax.Array, meta: dict) -> None:
         items = {"state": state, "root_key": jax.random.key_data(root_key)}
+        if self.sharding is not None and jax.process_count() > 1:
+            from fedjax_lite.experiment.distributed import replicate
+            items = replicate(items, self.sharding)       # global arrays, as orbax wants
         meta = {**meta, "state_sha256": state_digest(items)}
         self._manager.save(round_num, args=ocp.args.Composite(
             state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(meta)), force=True)
@@ -96,7 +146,10 @@ class Checkpointer:
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         like = {"state": like_state, "root_key": jax.random.key_data(like_key)}
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), like)
+        # onto ``sharding`` (else the first local device), whatever topology saved them
+        where = self.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            np.shape(a), a.dtype, sharding=where), like)
         for step in steps:
             try:
                 items, meta = self._restore_step(step, abstract)
@@ -104,8 +157,11 @@ class Checkpointer:
                 self.skipped.append((step, _reason(e)))
                 continue
             if self.skipped:
-                for bad, _ in self.skipped:
-                    self._set_aside(bad)
+                if jax.process_index() == 0:
+                    for bad, _ in self.skipped:
+                        self._set_aside(bad)
+                from fedjax_lite.experiment.distributed import sync
+                sync("fedjax_lite:checkpoints_set_aside")
                 self._manager.close()
                 self._manager = self._open(create=False)
             key = jax.random.wrap_key_data(items["root_key"])

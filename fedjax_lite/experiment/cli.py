@@ -1,6 +1,8 @@
 """``fedjax-lite`` command line: a thin shell over the runner.
 
     fedjax-lite run CONFIG --out DIR [--set key.path=value ...] [--resume] [--no-progress]
+                    [--coordinator HOST:PORT --num-processes N --process-id I]
+                    [--heartbeat-timeout S]
     fedjax-lite compare CONFIG --algorithms a,b [--aggregators x,y] [--seeds 3]
                         [--target-accuracy 0.8] [--set ...] --out DIR
     fedjax-lite privacy --rounds R --sampling-rate q --noise-multiplier z --delta d
@@ -9,7 +11,8 @@
 
 Exit codes: 0 done; 2 bad config or data (one line naming the key / file / client);
 3 divergence (non-finite loss; last good state checkpointed); 130 / 143 interrupted by
-SIGINT / SIGTERM (the last finished round checkpointed: continue with --resume).
+SIGINT / SIGTERM (the last finished round checkpointed: continue with --resume);
+4 a multi-process run lost a process or could not start (one line naming it).
 """
 
 from __future__ import annotations
@@ -38,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in --out")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     r.add_argument("--no-compile-cache", action="store_true", help=CACHE_HELP)
+    d = r.add_argument_group(
+        "several processes (jax.distributed)", "\n".join((
+            "one process per host or GPU, all with the same CONFIG and --out (a shared",
+            "folder); the client mesh spans every process's devices, process 0 writes",
+            "the outputs. Under SLURM (srun), mpirun and on Cloud TPU pods JAX finds",
+            "these values in the environment (also JAX_COORDINATOR_ADDRESS): no flags")))
+    d.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="address of process 0, which serves the coordination service")
+    d.add_argument("--num-processes", metavar="N", type=int, default=None,
+                   help="how many processes take part")
+    d.add_argument("--process-id", metavar="I", type=int, default=None,
+                   help="this process's index, 0 .. N-1")
+    d.add_argument("--heartbeat-timeout", metavar="S", type=float, default=30.0,
+                   help="seconds without a heartbeat after which a process counts as lost "
+                        "and the others stop (exit 4) naming it (default 30)")
     c = sub.add_parser("compare", help="run several algorithms/aggregators on identical "
                                        "data and cohorts, over seeds")
     c.add_argument("config", help="path to a YAML config (the shared settings)")
@@ -78,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
 EXIT_CODES = ("0 done; 2 bad config, data or input (one line naming the key, file or "
               "path); 3 diverged (non-finite loss; the last good state is checkpointed); "
               "130 / 143 interrupted by SIGINT / SIGTERM (the last finished round is "
-              "checkpointed: continue with --resume)")
+              "checkpointed: continue with --resume); 4 a multi-process run lost a process "
+              "or could not start (one line naming it)")
 
 
 def _document(p: argparse.ArgumentParser, sub) -> None:
@@ -160,19 +179,62 @@ def main(argv: list[str] | None = None) -> int:
     from fedjax_lite.experiment.host import configure_host, enable_compile_cache
     configure_host()
     enable_compile_cache(not getattr(args, "no_compile_cache", False))
-    from fedjax_lite.experiment import config as cfg
+    errors: list[str] = []
+    try:
+        code = _main(args, errors)
+    except BaseException as e:           # a bug (traceback): the other processes stop too
+        from fedjax_lite.experiment import distributed
+        if distributed.processes_started() > 1:
+            if not isinstance(e, SystemExit):
+                distributed.await_verdict()  # ... or a collective failed: a peer died
+                import traceback
+                traceback.print_exc()
+            distributed.leave(1, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        raise
+    from fedjax_lite.experiment import distributed
+    if code == 0 or code >= 128:         # done, or a signal every process stopped on
+        distributed.finish()
+    else:                                # this process's error: the others stop at once
+        distributed.leave(code, errors[-1] if errors else f"exit {code}")
+    return code
 
+
+def _main(args, errors: list[str]) -> int:
+    """The run / compare command; returns the exit code (messages appended to
+    ``errors`` are also printed, one line each)."""
+    from fedjax_lite.experiment import config as cfg
+    from fedjax_lite.experiment import distributed
+
+    def fail(code: int, message: str) -> int:
+        errors.append(message)
+        prefix = ("fedjax-lite" if distributed.processes_started() < 2 else
+                  f"fedjax-lite [process {distributed.process_index()}]")
+        print(f"{prefix}: {message}", file=sys.stderr)
+        return code
+
+    # several processes join first: an error one of them finds below (its config, data,
+    # output folder) then stops the others at once, naming it
+    several = distributed.wanted(getattr(args, "coordinator", None),
+                                 getattr(args, "num_processes", None),
+                                 getattr(args, "process_id", None))
+    if several and args.command == "compare":
+        return fail(2, "compare runs within one process; launch it once, not under "
+                       "srun / mpirun with several tasks")
+    if several:
+        try:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   heartbeat_timeout=args.heartbeat_timeout)
+        except distributed.DistributedError as e:
+            return fail(e.exit_code, f"distributed: {e}")
     try:
         raw = cfg.load_raw(args.config)
         for assignment in args.overrides:
             cfg.set_override(raw, assignment)
         config = _validate(args, raw)
     except cfg.OutputError as e:
-        print(f"fedjax-lite: output folder: {e}", file=sys.stderr)
-        return 2
+        return fail(2, f"output folder: {e}")
     except cfg.ConfigError as e:
-        print(f"fedjax-lite: config error: {e}", file=sys.stderr)
-        return 2
+        return fail(2, f"config error: {e}")
 
     from fedjax_lite.experiment.checkpoint import CheckpointError
     from fedjax_lite.experiment.interrupt import Interrupted, handling
@@ -180,37 +242,32 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with handling() as interrupts:
+            interrupts.on_exit = distributed.leave
             summary = _dispatch(args, raw, config, interrupts)
         if summary is None:                   # compare printed its table
             return 0
     except Interrupted as e:
-        print(f"fedjax-lite: interrupted after round {e.round}; continue with --resume "
-              f"(--out {args.out})", file=sys.stderr)
+        fail(e.exit_code, f"interrupted after round {e.round}; continue with --resume "
+                          f"(--out {args.out})")
         return e.exit_code
     except cfg.OutputError as e:
-        print(f"fedjax-lite: output folder: {e}", file=sys.stderr)
-        return 2
+        return fail(2, f"output folder: {e}")
     except CheckpointError as e:
-        print(f"fedjax-lite: checkpoint: {e}", file=sys.stderr)
-        return 2
+        return fail(2, f"checkpoint: {e}")
     except cfg.ConfigError as e:
-        print(f"fedjax-lite: config error: {e}", file=sys.stderr)
-        return 2
+        return fail(2, f"config error: {e}")
     except DataError as e:
-        print(f"fedjax-lite: data error: {e}", file=sys.stderr)
-        return 2
+        return fail(2, f"data error: {e}")
     except SamplingError as e:
-        print(f"fedjax-lite: sampling: {e}", file=sys.stderr)
-        return 2
+        return fail(2, f"sampling: {e}")
     except DivergenceError as e:
-        print(f"fedjax-lite: diverged: {e}", file=sys.stderr)
-        return 3
+        return fail(3, f"diverged: {e}")
     except OSError as e:
         if not _under(getattr(e, "filename", None), args.out):
             raise
-        print(f"fedjax-lite: output folder: cannot write {e.filename}: "
-              f"{e.strerror or e}", file=sys.stderr)
-        return 2
+        return fail(2, f"output folder: cannot write {e.filename}: {e.strerror or e}")
+    if not distributed.is_primary():          # process 0 reports the run
+        return 0
     final = summary["final"]
     ranked = {k: final[k] for k in ("eval_hr10", "eval_ndcg10", "eval_hr10_full",
                                     "eval_ndcg10_full") if k in final}

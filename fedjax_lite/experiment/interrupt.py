@@ -43,6 +43,9 @@ class Interrupts:
         self.requested: int | None = None     # the first signal's number
         self.phase = "setup"                  # "setup" | "training"
         self.out_dir: str | None = None
+        # called (exit code, message) just before exiting at once: a multi-process run
+        # tells the other processes (``distributed.leave``, which exits itself)
+        self.on_exit = None
 
     def _exit_now(self, signum: int) -> None:
         where = f" ({self.out_dir})" if self.out_dir else ""
@@ -50,6 +53,8 @@ class Interrupts:
                else "fedjax-lite: interrupted before training started; nothing to save")
         try:
             os.write(2, f"{msg}{where}\n".encode())
+            if self.on_exit is not None:
+                self.on_exit(128 + signum, msg[len("fedjax-lite: "):])
         finally:
             os._exit(128 + signum)
 

@@ -43,6 +43,13 @@ class MetricsWriter:
             os.fsync(f.fileno())
 
 
+class NullWriter:
+    """A process other than process 0 of a multi-process run writes no metrics."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+
 def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -7,6 +7,10 @@ one would.
 Outputs in ``out_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (round 0, every
 ``eval_every`` rounds and the last round), ``summary.json``, ``curves.png``,
 ``params.npz``, ``checkpoints/``.
+
+With several processes (``jax.distributed``, :mod:`.distributed`) every process calls
+:func:`run` alike: the mesh spans all processes' devices, every process computes every
+round, process 0 alone writes the files above (all take part in checkpoints).
 """
 
 from __future__ import annotations
@@ -20,19 +24,19 @@ import time
 import jax
 import jax.numpy as jnp
 import yaml
-from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_lite.core import Sampling, build_evaluate, build_round, poisson_bound, round_key
 from fedjax_lite.core.round import poisson_bound_tail
 from fedjax_lite.experiment import config as cfg
-from fedjax_lite.experiment import build_recsys, privacy_run
+from fedjax_lite.experiment import build_recsys, distributed
 from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm, build_data,
                                              build_model, engine_options)
-from fedjax_lite.experiment.checkpoint import Checkpointer
+from fedjax_lite.experiment.checkpoint import CheckpointError, Checkpointer, check_resume
 from fedjax_lite.experiment.config_schema import OutputError
 from fedjax_lite.experiment.interrupt import Interrupted, Interrupts
-from fedjax_lite.experiment.outputs import (MetricsWriter, plot_curves, read_metrics,
-                                            save_params, save_per_user, write_json)
+from fedjax_lite.experiment.outputs import (MetricsWriter, NullWriter, plot_curves,
+                                            read_metrics, save_params, save_per_user,
+                                            write_json)
 
 
 class DataError(ValueError):
@@ -45,18 +49,6 @@ class SamplingError(RuntimeError):
 
 class DivergenceError(RuntimeError):
     """A non-finite loss; the last good state is checkpointed before this is raised."""
-
-
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            d = _first_difference(va, vb, f"{prefix}{k}.")
-            if d:
-                return d
-        elif va != vb:
-            return f"{prefix}{k} ({va!r} in the saved run, {vb!r} now)"
-    return None
 
 
 def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
@@ -83,24 +75,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                           f"{latest}); pass --resume to continue it or choose another "
                           "--out (nothing was overwritten)")
     if resume:
-        if not os.path.exists(config_path) or latest is None:
-            raise OutputError(f"--resume: no checkpoint to resume from in {out_dir}")
-        saved = cfg.to_dict(cfg.parse(cfg.load_raw(config_path)))
-        diff = _first_difference({**saved, "rounds": None}, {**resolved, "rounds": None})
-        if diff:
-            raise cfg.ConfigError(f"--resume: config differs from {config_path}: {diff}")
-        if saved["rounds"] != config.rounds:
-            # only extending (or shortening to no less than the saved rounds) is safe, and
-            # only where rounds does not enter the round itself (a DP run's accounting
-            # and Poisson cohort bound depend on the total)
-            if config.is_private:
-                raise cfg.ConfigError(f"--resume: rounds differs from {config_path} "
-                                      f"({saved['rounds']} saved, {config.rounds} now); a "
-                                      "DP run's accounting is fixed for its rounds")
-            if config.rounds < latest:
-                raise cfg.ConfigError(f"--resume: rounds={config.rounds} is below the "
-                                      f"latest checkpoint (round {latest})")
-
+        check_resume(config, resolved, config_path, latest)
     recommender = config.algorithm.name in cfg.RECOMMENDATION_ALGORITHMS
     try:
         if recommender:
@@ -114,7 +89,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     K, C = train.num_clients, config.algorithm.clients_per_round
     sampling_kind = config.algorithm.sampling
     ledger, setup = None, None
-    if config.is_private:
+    if config.is_private:       # (dp-accounting is imported only for DP runs)
+        from fedjax_lite.experiment import privacy_run
         _, setup = privacy_run.resolve(config, K)
         ledger = privacy_run.Ledger(setup, config.privacy.delta,
                                     config.privacy.target_epsilon)
@@ -138,7 +114,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             ledger.overflow_p = overflow_p
     check_static_cohort(config, bound)
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
-    engine = engine_options(config.engine, train.n)
+    engine = distributed.spread(engine_options(config.engine, train.n))
+    primary, several = distributed.is_primary(), distributed.processes() > 1
+    progress = progress and primary
     try:
         if recommender:
             model = build_recsys.build_mf(config, train)
@@ -149,22 +127,29 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             algorithm = build_algorithm(config, model, engine, num_clients=K, privacy=setup)
     except ValueError as e:           # a builder's argument check (names the argument)
         raise cfg.ConfigError(f"config: {e}") from None
+    # same config everywhere; every process has checked the folder before any writes
+    distributed.check_same_config(resolved)
+    # the population lives on the device(s) for the whole run (replicated over the mesh);
+    # put: host values to there; jit: every output replicated (each process reads them)
+    where, put, jit = distributed.placement(engine.mesh)
     os.makedirs(out_dir, exist_ok=True)
-    with open(config_path, "w") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)
+    if primary:
+        with open(config_path, "w") as f:
+            yaml.safe_dump(resolved, f, sort_keys=False)
     if ckpt is None:
         ckpt = Checkpointer(ckpt_dir)
+    ckpt.sharding = where      # restores onto this run's devices, whatever saved it
 
     if config.is_private and config.privacy.secure_mode:
-        run_key = privacy_run.secret_run_key(ckpt.directory, resume)
+        run_key = distributed.from_primary(
+            lambda: privacy_run.secret_run_key(ckpt.directory, resume))
     sampling = Sampling(sampling_kind, bound if sampling_kind == "poisson" else None,
                         run_key if sampling_kind == "epochs" else None)
     state = algorithm.init(model.init_global(init_key) if recommender else model.init(init_key))
-    # the population lives on the device(s) for the whole run (replicated over the mesh)
-    where = (NamedSharding(engine.mesh, PartitionSpec()) if engine.mesh is not None
-             else jax.local_devices()[0])
-    population = jax.device_put(train.arrays(), where)
-    test_data = jax.device_put(test.arrays(), where)
+    if several:                # global arrays, identical in every process
+        state = put(state)
+    population = put(train.arrays())
+    test_data = put(test.arrays())
     eval_engine = engine._replace(chunk_size=None if engine.chunk_size is None
                                   else 4 * engine.chunk_size)
 
@@ -172,22 +157,22 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     if progress:
         print("fedjax-lite: compiling the round and the evaluation (kept in the compilation "
               "cache for later runs of these shapes) ...", file=sys.stderr, flush=True)
-    round_fn = jax.jit(build_round(algorithm, num_clients=K, clients_per_round=C,
-                                   sampling=sampling)).lower(
+    round_fn = jit(build_round(algorithm, num_clients=K, clients_per_round=C,
+                               sampling=sampling)).lower(
         state, population, round_key(run_key, 0)).compile()
     per_user = {}          # the last evaluation's per-user sums (recommenders)
     if recommender:      # RMSE needs the users' private factors (or their reconstruction)
         rec_eval = build_recsys.build_evaluation(config, model, init_key, engine)
-        rec_inputs = jax.device_put(({"x": rec_data.rated.item, "n": rec_data.rated.n},
-                                     rec_data.negatives), where)
-        compiled = jax.jit(rec_eval).lower(state, population, test_data,
-                                           *rec_inputs).compile()
+        rec_inputs = put(({"x": rec_data.rated.item, "n": rec_data.rated.n},
+                          rec_data.negatives))
+        compiled = jit(rec_eval).lower(state, population, test_data,
+                                       *rec_inputs).compile()
 
         def evaluate(st, data):
             metrics, per_user["last"] = compiled(st, population, data, *rec_inputs)
             return metrics
     else:
-        compiled = jax.jit(build_evaluate(model, eval_engine)).lower(
+        compiled = jit(build_evaluate(model, eval_engine)).lower(
             state.params, test_data).compile()
         evaluate = lambda st, data: compiled(st.params, data)
     compile_s = time.perf_counter() - t0
@@ -200,16 +185,21 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     window = dict(empty_window)
     if resume:
         start, state, _, meta = ckpt.restore(state, run_key)
-        for bad, why in ckpt.skipped:
+        if others := distributed.differing([start, meta.get("state_sha256")]):
+            raise CheckpointError(f"process(es) {others} restored another checkpoint than "
+                                  f"process 0 (round {start}): is {ckpt.directory} the "
+                                  "same folder, fully visible, on every host?")
+        for bad, why in ckpt.skipped if primary else ():
             print(f"fedjax-lite: checkpoint of round {bad} is unusable ({why}); moved to "
                   f"{os.path.join(out_dir, 'checkpoints_unusable')}", file=sys.stderr)
-        if ckpt.skipped:
+        if ckpt.skipped and primary:
             print(f"fedjax-lite: resuming from round {start}, the newest usable checkpoint",
                   file=sys.stderr)
         elapsed_before = float(meta.get("wall_s", 0.0))
         window = dict(meta.get("window", window))
         writer_keep = start
-    writer = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), keep_until=writer_keep)
+    writer = (MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), keep_until=writer_keep)
+              if primary else NullWriter())
     t_start = time.perf_counter()
 
     def wall() -> float:
@@ -250,12 +240,15 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     if interrupts is not None:
         interrupts.out_dir = out_dir
         interrupts.phase = "training"
+    # a signal stops every process after the same round (one all-gather per round)
+    stop_signal = (lambda: None) if interrupts is None else (
+        lambda: distributed.agreed_signal(interrupts.requested))
     try:
         for r in range(start, config.rounds):
-            if interrupts is not None and interrupts.requested:
+            if (signum := stop_signal()) is not None:
                 if last_saved != r:
                     save(r, state, window)
-                raise Interrupted(interrupts.requested, r)
+                raise Interrupted(signum, r)
             if ledger is not None and ledger.would_exceed(r + 1):
                 save(r, state, window)
                 raise cfg.ConfigError(f"privacy budget: round {r + 1} would exceed "
@@ -285,13 +278,15 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                     f"checkpointed in {ckpt.directory}")
             state, done = new_state, r + 1
             extra = dict(window["extra"])
-            for k, v in privacy_run.private_metrics(metrics, config).items():
+            for k, v in (privacy_run.private_metrics(metrics, config) if config.is_private
+                         else metrics).items():
                 if k not in ("train_loss", "sampling_overflow") and getattr(v, "ndim", 1) == 0:
                     extra[k] = extra.get(k, 0.0) + float(v)
             if show_loss and "reporting_clients" in metrics and int(
                     metrics["reporting_clients"]) == 0:
                 extra["rounds_without_reports"] = extra.get("rounds_without_reports", 0) + 1
-                bar.write(f"round {done}: no sampled client reported; model unchanged")
+                if primary:
+                    bar.write(f"round {done}: no sampled client reported; model unchanged")
             window = {"loss": window["loss"] + (loss if show_loss else 0.0),
                       "rounds": window["rounds"] + 1,
                       "time": window["time"] + dt, "extra": extra}
@@ -310,10 +305,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                 save(done, state, window)
                 last_saved = done
             bar.update(1)
-        if interrupts is not None and interrupts.requested:   # during the last round
+        if (signum := stop_signal()) is not None:            # during the last round
             if last_saved != config.rounds:
                 save(config.rounds, state, window)
-            raise Interrupted(interrupts.requested, config.rounds)
+            raise Interrupted(signum, config.rounds)
     finally:
         bar.close()
         if interrupts is not None:
@@ -321,6 +316,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     if last_saved != config.rounds:
         save(config.rounds, state, window)
     ckpt.close()
+    if not primary:           # process 0 writes the outputs (every process has them)
+        return {"rounds": config.rounds, "final": dict(last_row or {}), "wall_s": wall(),
+                "train_s": total["time"], "process": jax.process_index()}
 
     save_params(os.path.join(out_dir, "params.npz"), state.params)
     if recommender and show_loss and per_user:
@@ -352,6 +350,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "processes": jax.process_count(),
         "python": platform.python_version(),
     }
     write_json(os.path.join(out_dir, "summary.json"), summary)
