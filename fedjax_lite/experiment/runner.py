@@ -25,12 +25,14 @@ import jax
 import jax.numpy as jnp
 import yaml
 
-from fedjax_lite.core import Sampling, build_evaluate, build_round, poisson_bound, round_key
+from fedjax_lite.core import (Sampling, build_evaluate, build_round, build_rounds,
+                              poisson_bound, round_key)
 from fedjax_lite.core.round import poisson_bound_tail
 from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment import build_recsys, distributed
 from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm, build_data,
                                              build_model, engine_options)
+from fedjax_lite.experiment.blocks import RoundSource
 from fedjax_lite.experiment.checkpoint import CheckpointError, Checkpointer, check_resume
 from fedjax_lite.experiment.config_schema import OutputError
 from fedjax_lite.experiment.interrupt import Interrupted, Interrupts
@@ -157,9 +159,13 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     if progress:
         print("fedjax-lite: compiling the round and the evaluation (kept in the compilation "
               "cache for later runs of these shapes) ...", file=sys.stderr, flush=True)
-    round_fn = jit(build_round(algorithm, num_clients=K, clients_per_round=C,
-                               sampling=sampling)).lower(
-        state, population, round_key(run_key, 0)).compile()
+    one_round = build_round(algorithm, num_clients=K, clients_per_round=C,
+                            sampling=sampling)
+    round_fn = jit(one_round).lower(state, population, round_key(run_key, 0)).compile()
+    block_fn = None                   # engine.compile_rounds: K rounds per program
+    if config.engine.compile_rounds > 1:
+        block_fn = jit(build_rounds(one_round, config.engine.compile_rounds)).lower(
+            state, population, run_key, 0).compile()
     per_user = {}          # the last evaluation's per-user sums (recommenders)
     if recommender:      # RMSE needs the users' private factors (or their reconstruction)
         rec_eval = build_recsys.build_evaluation(config, model, init_key, engine)
@@ -243,22 +249,27 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     # a signal stops every process after the same round (one all-gather per round)
     stop_signal = (lambda: None) if interrupts is None else (
         lambda: distributed.agreed_signal(interrupts.requested))
+    source = RoundSource(
+        round_fn, block_fn, config.engine.compile_rounds, config.rounds, population,
+        run_key, allow=lambda r, k: ledger is None or not ledger.would_exceed(r + k),
+        boundary=lambda d: d % config.eval_every == 0 or d == config.rounds or bool(
+            config.checkpoint_every and d % config.checkpoint_every == 0),
+        params_checked=not show_loss)
     try:
         for r in range(start, config.rounds):
-            if (signum := stop_signal()) is not None:
+            # inside a compiled block the intermediate states exist only on the device:
+            # signals and the budget are acted on at block boundaries
+            if not source.in_block and (signum := stop_signal()) is not None:
                 if last_saved != r:
                     save(r, state, window)
                 raise Interrupted(signum, r)
-            if ledger is not None and ledger.would_exceed(r + 1):
+            if not source.in_block and ledger is not None and ledger.would_exceed(r + 1):
                 save(r, state, window)
                 raise cfg.ConfigError(f"privacy budget: round {r + 1} would exceed "
                                       f"target epsilon {ledger.target}; stopped after "
                                       f"round {r} (checkpointed)")
-            t = time.perf_counter()
-            new_state, metrics = round_fn(state, population, round_key(run_key, r))
+            new_state, metrics, dt = source.next(state, r)
             loss = float(metrics["train_loss"])
-            jax.block_until_ready(new_state)
-            dt = time.perf_counter() - t
             if float(metrics.get("sampling_overflow", 0.0)) > 0:
                 save(r, state, window)
                 raise SamplingError(
