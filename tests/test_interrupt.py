@@ -149,3 +149,23 @@ def test_nothing_is_created_before_validation(tmp_path, capsys):
                  "--no-progress"]) == 2
     assert not out.exists()
     assert "no checkpoint to resume" in capsys.readouterr().err
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    # rounds long enough (~0.1-1 s) that both signals land inside one round
+    raw = {**SMALL, "rounds": 100000, "eval_every": 1000, "checkpoint_every": 0,
+           "data": {**SMALL["data"], "num_clients": 400, "mean_examples": 400},
+           "algorithm": {**SMALL["algorithm"], "clients_per_round": 400,
+                         "local_epochs": 5, "batch_size": 2}}
+    path = write_config(tmp_path, raw)
+    out = tmp_path / "run"
+    proc = _start(path, out, "--no-progress")
+    metrics = out / "metrics.jsonl"
+    assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)
+    time.sleep(1.0)                                   # training
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)          # two separate deliveries (pending signals of one kind merge)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted again; stopped at once" in err and "Traceback" not in err
