@@ -197,3 +197,14 @@ def test_orders_are_uniform_permutations():
     # no bias toward (or away from) the identity order for adjacent items
     frac = np.mean(five[:, 0] < five[:, 1])
     assert abs(frac - 0.5) < 0.05, frac
+
+
+@pytest.mark.parametrize("M", [2, 8, 64, 128, 512])
+def test_rolled_bitonic_network_sorts_like_the_unrolled_one(M):
+    from fedjax_lite.core.shuffle import _bitonic_sort_axis0, _bitonic_sort_rolled
+    rng = np.random.default_rng(M)
+    a = rng.integers(0, 2**32, (M, 3, 4), dtype=np.uint64).astype(np.uint32)
+    a[: M // 4] = a[0]                                     # ties too
+    want = np.sort(a, axis=0)
+    assert (np.asarray(jax.jit(_bitonic_sort_rolled)(jnp.asarray(a))) == want).all()
+    assert (np.asarray(_bitonic_sort_axis0(jnp.asarray(a))) == want).all()
