@@ -35,14 +35,20 @@ def _wait_for(predicate, proc, seconds=120):
     return False
 
 
-def test_sigint_during_training_checkpoints_and_exits_130(tmp_path):
-    raw = {**SMALL, "rounds": 100000, "eval_every": 1000, "checkpoint_every": 0}
-    path = write_config(tmp_path, raw)
-    out = tmp_path / "run"
+def _training(tmp_path, raw, settle: float):
+    """A run of ``raw`` in a subprocess, returned once it has evaluated round 0 and
+    trained for ``settle`` seconds (the signal handlers are then in training mode)."""
+    path, out = write_config(tmp_path, raw), tmp_path / "run"
     proc = _start(path, out, "--no-progress")
     metrics = out / "metrics.jsonl"
     assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)
-    time.sleep(0.5)                                   # training
+    time.sleep(settle)
+    return proc, path, out
+
+
+def test_sigint_during_training_checkpoints_and_exits_130(tmp_path):
+    raw = {**SMALL, "rounds": 100000, "eval_every": 1000, "checkpoint_every": 0}
+    proc, path, out = _training(tmp_path, raw, 0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -157,12 +163,7 @@ def test_second_signal_exits_at_once(tmp_path):
            "data": {**SMALL["data"], "num_clients": 400, "mean_examples": 400},
            "algorithm": {**SMALL["algorithm"], "clients_per_round": 400,
                          "local_epochs": 5, "batch_size": 2}}
-    path = write_config(tmp_path, raw)
-    out = tmp_path / "run"
-    proc = _start(path, out, "--no-progress")
-    metrics = out / "metrics.jsonl"
-    assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)
-    time.sleep(1.0)                                   # training
+    proc, _, _ = _training(tmp_path, raw, 1.0)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.02)          # two separate deliveries (pending signals of one kind merge)
     proc.send_signal(signal.SIGINT)

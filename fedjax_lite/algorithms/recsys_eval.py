@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_lite.models.mf import MatrixFactorization, gather_rows, rating_errors
+from fedjax_lite.models.mf import (MatrixFactorization, predict_users, rating_errors,
+                                   rating_summary)
 
 # users per chunk of the full ranking (a [chunk, num_items] score table at a time)
 RANKING_CHUNK = 256
@@ -76,9 +77,7 @@ def evaluate_recommender(model: MatrixFactorization, factors, *, ranking: bool =
         metrics, per_user = {}, {}
         if not implicit:
             se, ae, count = rating_errors(model, params, private, test["x"], test["y"], mask)
-            c = jnp.maximum(jnp.sum(count), 1.0)
-            metrics = {"eval_loss": jnp.sum(se) / c, "eval_rmse": jnp.sqrt(jnp.sum(se) / c),
-                       "eval_mae": jnp.sum(ae) / c}
+            metrics = rating_summary(se, ae, count)
             per_user = {"se": se, "ae": ae, "count": count}
         if ranking:
             from fedjax_lite.models import ranking as rk
@@ -103,11 +102,8 @@ def evaluate_recommender(model: MatrixFactorization, factors, *, ranking: bool =
 def _heldout_bce(model, params, private, items, mask, negatives) -> jax.Array:
     """Mean binary cross-entropy of the held-out items (label 1) and the sampled
     negatives (label 0), with log-sigmoid for stability."""
-    def logits(it):
-        rows = gather_rows(params, it)
-        return jax.vmap(model.predict, in_axes=(0, 0, None))(private, rows, params["mu"])
-    pos = -jax.nn.log_sigmoid(logits(items))
-    neg = -jax.nn.log_sigmoid(-logits(negatives))
+    pos = -jax.nn.log_sigmoid(predict_users(model, params, private, items))
+    neg = -jax.nn.log_sigmoid(-predict_users(model, params, private, negatives))
     has = jnp.any(mask, 1, keepdims=True)
     total = jnp.sum(jnp.where(mask, pos, 0.0)) + jnp.sum(jnp.where(has, neg, 0.0))
     count = jnp.sum(mask) + jnp.sum(has) * negatives.shape[1]

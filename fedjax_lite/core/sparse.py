@@ -53,6 +53,18 @@ def scatter_rows(values: jax.Array, index: jax.Array, weights: jax.Array,
     return table.at[index.reshape(-1)].add(flat, mode="drop")
 
 
+def weighted_sums(update: SparseUpdate, slot_weights: jax.Array,
+                  client_weights: jax.Array, num_rows: int) -> dict:
+    """The additive part of a sparse aggregation: ``{'rows': {name: [num_rows, ...]},
+    'dense': {name: [...]}}`` -- each table's rows scatter-added with ``slot_weights``
+    [C, N], each dense leaf summed over clients with ``client_weights`` [C]."""
+    return {"rows": {name: scatter_rows(values, update.index, slot_weights, num_rows)
+                     for name, values in update.rows.items()},
+            "dense": {name: jnp.tensordot(client_weights.astype(values.dtype), values,
+                                          axes=1)
+                      for name, values in update.dense.items()}}
+
+
 def row_weights(index: jax.Array, slot_weights: jax.Array, num_rows: int) -> jax.Array:
     """float[num_rows]: the total weight of the clients that touched each row."""
     return jnp.zeros((num_rows,), slot_weights.dtype).at[index.reshape(-1)].add(
@@ -77,10 +89,7 @@ def sparse_mean(num_rows: int, normalize: str = "raters") -> Aggregator:
         reporting = weights > 0
         slot_w = jnp.where(update.mask & reporting[:, None], weights[:, None], 0.0)
         w = jnp.where(reporting, weights, 0.0)
-        return {"rows": {name: scatter_rows(values, update.index, slot_w, num_rows)
-                         for name, values in update.rows.items()},
-                "dense": {name: jnp.tensordot(w.astype(values.dtype), values, axes=1)
-                          for name, values in update.dense.items()},
+        return {**weighted_sums(update, slot_w, w, num_rows),
                 "row_weight": row_weights(update.index, slot_w, num_rows),
                 "total": jnp.sum(w), "count": jnp.sum(reporting.astype(jnp.int32))}
 
@@ -130,4 +139,4 @@ def flatten_update(update: SparseUpdate) -> tuple[jax.Array, Any]:
 
 
 __all__ = ["NORMALIZATIONS", "SparseUpdate", "flatten_update", "row_weights",
-           "scatter_rows", "sparse_mean"]
+           "scatter_rows", "sparse_mean", "weighted_sums"]

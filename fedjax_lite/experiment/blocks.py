@@ -22,13 +22,16 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lite.core import round_key
 
 
-def _all_finite(tree) -> bool:
-    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+def all_finite(tree) -> bool:
+    """Whether every entry of every leaf is finite (the runner's divergence test of a
+    model it may not judge by a loss over client data)."""
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
 class RoundSource:
@@ -79,7 +82,7 @@ class RoundSource:
             bad = (np.any(host.get("sampling_overflow", 0.0) > 0)
                    or (not self.params_checked
                        and not np.all(np.isfinite(host["train_loss"])))
-                   or (self.params_checked and not _all_finite(final.params)))
+                   or (self.params_checked and not all_finite(final.params)))
             if bad:                 # replay these rounds one by one: the loop stops right
                 self._single_until = r + self.K
                 return self._one(state, r)
@@ -95,4 +98,4 @@ class RoundSource:
         return self._one(state, r)
 
 
-__all__ = ["RoundSource"]
+__all__ = ["RoundSource", "all_finite"]

@@ -215,7 +215,7 @@ def compare(raw: dict, out_dir: str, *, algorithms: list[str],
                       for label, seed_runs in results.items()}}
     if "local_only" in results and len(results) > 1:
         from fedjax_lite.experiment.compare_recsys import per_user_vs_local_only
-        doc["per_user_vs_local_only"] = per_user_vs_local_only(out_dir, results, runs)
+        doc["per_user_vs_local_only"] = per_user_vs_local_only(out_dir, results)
     write_json(os.path.join(out_dir, "comparison.json"), doc)
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
         f.write(markdown_table(table, target_accuracy, seeds, metrics))
@@ -225,7 +225,7 @@ def compare(raw: dict, out_dir: str, *, algorithms: list[str],
     plot_comparison(os.path.join(out_dir, "comparison.png"), doc)
     if doc.get("per_user_vs_local_only"):
         from fedjax_lite.experiment.compare_recsys import plot_per_user
-        plot_per_user(os.path.join(out_dir, "per_user.png"), out_dir, results, runs)
+        plot_per_user(os.path.join(out_dir, "per_user.png"), out_dir, results)
     return doc
 
 

@@ -33,12 +33,17 @@ def per_user_score(sums: dict) -> tuple[np.ndarray, np.ndarray, str]:
     return sums["ndcg"] / np.maximum(ranked, 1), ranked > 0, "ndcg10"
 
 
-def compare_users(method: dict, local: dict) -> dict:
-    """Per-user statistics of ``method`` against ``local_only`` (same users, same rows)."""
+def per_user_gain(method: dict, local: dict) -> tuple[np.ndarray, str]:
+    """(each scored user's gain of ``method`` over ``local_only``, > 0 when the method is
+    better: RMSE lowered or NDCG raised; the metric's name)."""
     a, has, metric = per_user_score(method)
     b, _, _ = per_user_score(local)
-    diff = (b - a) if metric == "rmse" else (a - b)       # > 0: the method is better
-    d = diff[has]
+    return ((b - a) if metric == "rmse" else (a - b))[has], metric
+
+
+def compare_users(method: dict, local: dict) -> dict:
+    """Per-user statistics of ``method`` against ``local_only`` (same users, same rows)."""
+    d, metric = per_user_gain(method, local)
     if d.size == 0:
         return {"metric": metric, "users": 0}
     q25, q50, q75 = (float(x) for x in np.percentile(d, [25, 50, 75]))
@@ -47,7 +52,7 @@ def compare_users(method: dict, local: dict) -> dict:
             "median_gain": q50, "gain_q25": q25, "gain_q75": q75}
 
 
-def per_user_vs_local_only(out_dir: str, results: dict, runs) -> dict:
+def per_user_vs_local_only(out_dir: str, results: dict) -> dict:
     """{method: [per-seed statistics]} for every method but local_only."""
     seeds = {label: len(seed_runs) for label, seed_runs in results.items()}
     out = {}
@@ -80,7 +85,7 @@ def per_user_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_per_user(path: str, out_dir: str, results: dict, runs) -> None:
+def plot_per_user(path: str, out_dir: str, results: dict) -> None:
     """Histogram of the per-user gain over local_only, one curve per method (seed 0)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -95,9 +100,7 @@ def plot_per_user(path: str, out_dir: str, results: dict, runs) -> None:
         mine = _load(out_dir, label, 0)
         if label == "local_only" or mine is None:
             continue
-        a, has, metric = per_user_score(mine)
-        b, _, _ = per_user_score(local)
-        gain = ((b - a) if metric == "rmse" else (a - b))[has]
+        gain, metric = per_user_gain(mine, local)
         ax.hist(gain, bins=40, histtype="step", lw=1.5,
                 label=f"{label}: {np.mean(gain > 0):.0%} helped")
     ax.axvline(0, color="gray", lw=1, ls=":")
@@ -110,5 +113,5 @@ def plot_per_user(path: str, out_dir: str, results: dict, runs) -> None:
     plt.close(fig)
 
 
-__all__ = ["compare_users", "per_user_markdown", "per_user_score", "per_user_vs_local_only",
-           "plot_per_user"]
+__all__ = ["compare_users", "per_user_gain", "per_user_markdown", "per_user_score",
+           "per_user_vs_local_only", "plot_per_user"]

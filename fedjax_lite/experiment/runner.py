@@ -22,7 +22,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import yaml
 
 from fedjax_lite.core import (Sampling, build_evaluate, build_round, build_rounds,
@@ -32,7 +31,7 @@ from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment import build_recsys, distributed
 from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm, build_data,
                                              build_model, engine_options)
-from fedjax_lite.experiment.blocks import RoundSource
+from fedjax_lite.experiment.blocks import RoundSource, all_finite
 from fedjax_lite.experiment.checkpoint import CheckpointError, Checkpointer, check_resume
 from fedjax_lite.experiment.config_schema import OutputError
 from fedjax_lite.experiment.interrupt import Interrupted, Interrupts
@@ -279,7 +278,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                     "raise algorithm.max_cohort_size")
             # DP runs judge divergence by the released model (post-processing), not by a
             # loss over client data that would single a client out
-            finite = (_all_finite(new_state.params) if not show_loss
+            finite = (all_finite(new_state.params) if not show_loss
                       else math.isfinite(loss))
             if not finite:
                 save(r, state, window)
@@ -386,10 +385,6 @@ def check_static_cohort(config: cfg.Config, cohort: int) -> None:
             secagg.check_min_survivors(g.min_survivors, cohort)
     except ValueError as e:
         raise cfg.ConfigError(f"config key {e}") from None
-
-
-def _all_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
 def _progress(total: int, initial: int, enabled: bool):

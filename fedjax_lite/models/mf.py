@@ -97,13 +97,20 @@ def gather_rows(params: dict, items: jax.Array) -> dict:
             "item_bias": jnp.take(params["item_bias"], items, axis=0, mode="clip")}
 
 
+def predict_users(model: MatrixFactorization, params: dict, private: dict,
+                  items: jax.Array) -> jax.Array:
+    """[U, N]: the unclipped r_hat of each user (private leaves [U, ...]) for its items
+    ``items`` [U, N] (the logit under the implicit objective)."""
+    rows = gather_rows(params, items)
+    return jax.vmap(model.predict, in_axes=(0, 0, None))(private, rows, params["mu"])
+
+
 def rating_errors(model: MatrixFactorization, params: dict, private: dict,
                   items: jax.Array, ratings: jax.Array, mask: jax.Array):
     """Per-user sums over real slots of the clipped prediction's squared and absolute
     errors, and the counts (each float[U]): private leaves [U, ...], items/ratings/mask
     [U, N]."""
-    rows = gather_rows(params, items)
-    pred = jax.vmap(model.predict, in_axes=(0, 0, None))(private, rows, params["mu"])
+    pred = predict_users(model, params, private, items)
     err = jnp.where(mask, model.clip(pred) - ratings, 0.0)
     return (jnp.sum(err * err, 1), jnp.sum(jnp.abs(err), 1),
             jnp.sum(mask.astype(jnp.float32), 1))
@@ -116,5 +123,6 @@ def rating_summary(se: jax.Array, ae: jax.Array, count: jax.Array) -> dict:
     return {"eval_loss": mse, "eval_rmse": jnp.sqrt(mse), "eval_mae": jnp.sum(ae) / c}
 
 
-__all__ = ["OBJECTIVES", "MatrixFactorization", "gather_rows", "rating_errors",
+__all__ = ["OBJECTIVES", "MatrixFactorization", "gather_rows", "predict_users",
+           "rating_errors",
            "rating_summary"]

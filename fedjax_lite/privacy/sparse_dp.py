@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lite.core.aggregators import Aggregator, Reduction, reduced, reporting_metrics
-from fedjax_lite.core.sparse import SparseUpdate, flatten_update, scatter_rows
+from fedjax_lite.core.sparse import SparseUpdate, flatten_update, weighted_sums
 from fedjax_lite.privacy.clipping import clip_rows
 from fedjax_lite.privacy.gaussian import DP_NOISE_STREAM
 
@@ -58,11 +58,7 @@ def dp_sparse_gaussian(num_rows: int, clip_norm: float, noise_multiplier: float,
         clipped = clip_rows(flat, reporting, S)
         update_c = unflatten(clipped.rows)
         slot_w = (update.mask & reporting[:, None]).astype(flat.dtype)
-        return {"rows": {name: scatter_rows(values, update.index, slot_w, num_rows)
-                         for name, values in update_c.rows.items()},
-                "dense": {name: jnp.tensordot(reporting.astype(values.dtype), values,
-                                              axes=1)
-                          for name, values in update_c.dense.items()},
+        return {**weighted_sums(update_c, slot_w, reporting, num_rows),
                 "count": jnp.sum(reporting.astype(jnp.int32)),
                 "clipped": jnp.sum(clipped.clipped)}
 
