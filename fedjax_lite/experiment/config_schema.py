@@ -40,6 +40,14 @@ _SEED = _check(lambda v: 0 <= v <= SEED_MAX, "an integer in [0, 2**63 - 1]")
 # lie outside the training population), examples otherwise.
 TEST_SPLITS = ("auto", "examples", "clients")
 
+# Where the training population lives during a run (data.storage): 'device' -- on the
+# device(s) for the whole run; 'host' -- in host memory, each round's cohort gathered on
+# the host and transferred while the previous round computes; 'mmap' -- memory-mapped .npy
+# files on disk (written once by `fedjax-lite prepare`, or into OUT/prepared), for
+# populations larger than RAM; 'auto' -- device when it fits the device memory budget,
+# host when it fits RAM, mmap otherwise. Results are identical across storages.
+STORAGES = ("auto", "device", "host", "mmap")
+
 
 @dataclass(frozen=True)
 class SyntheticLogisticData:
@@ -55,6 +63,8 @@ class SyntheticLogisticData:
                                                             "a number in [0, 0.5]"))
     test_fraction: float = field(default=0.2, metadata=_FRACTION)
     test_split: Literal[TEST_SPLITS] = "auto"
+    storage: Literal[STORAGES] = "auto"
+    prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,8 @@ class FedProxSyntheticData:
     num_classes: int = field(default=10, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
     test_fraction: float = field(default=0.2, metadata=_FRACTION)
     test_split: Literal[TEST_SPLITS] = "auto"
+    storage: Literal[STORAGES] = "auto"
+    prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,8 @@ class NpzData:
     test_path: str | None = None
     test_fraction: float = field(default=0.2, metadata=_FRACTION)
     test_split: Literal[TEST_SPLITS] = "auto"      # without test_path
+    storage: Literal[STORAGES] = "auto"
+    prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
 
 
 RATING_SPLITS = ("random", "temporal", "leave_one_out")
