@@ -65,6 +65,8 @@ class SyntheticLogisticData:
     test_split: Literal[TEST_SPLITS] = "auto"
     storage: Literal[STORAGES] = "auto"
     prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
+    seed: Union[int, None] = field(default=None, metadata=_check(   # the data's seed
+        lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class FedProxSyntheticData:
     test_split: Literal[TEST_SPLITS] = "auto"
     storage: Literal[STORAGES] = "auto"
     prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
+    seed: Union[int, None] = field(default=None, metadata=_check(   # the data's seed
+        lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class NpzData:
     test_split: Literal[TEST_SPLITS] = "auto"      # without test_path
     storage: Literal[STORAGES] = "auto"
     prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
+    seed: Union[int, None] = field(default=None, metadata=_check(   # the data's seed
+        lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
 
 
 RATING_SPLITS = ("random", "temporal", "leave_one_out")
