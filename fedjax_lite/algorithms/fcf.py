@@ -102,9 +102,9 @@ def fcf(model: MatrixFactorization, *, num_users: int, init_key: jax.Array,
         return update, {"user": local["user"], "user_bias": local["user_bias"]}, stats
 
     def apply(state: FcfState, cohort: Cohort, key: jax.Array):
-        if cohort.population["n"].shape[0] != num_users:      # static: at trace time
+        if cohort.num_clients != num_users:      # static: at trace time
             raise ValueError(f"fcf: num_users={num_users} but the population has "
-                             f"{cohort.population['n'].shape[0]} rows")
+                             f"{cohort.num_clients} rows")
         agg_key, train_key = jax.random.split(key)
         keys = client_keys(train_key, cohort.index)
         private = client_state.gather(state.private, cohort)

@@ -161,9 +161,9 @@ def scaffold(model: Model, *, num_clients: int, client_optimizer: optax.Gradient
         return delta_y, jax.tree.map(delta_c, c_i, c, delta_y), stats
 
     def apply(state: ScaffoldState, cohort: Cohort, key: jax.Array):
-        if cohort.population["n"].shape[0] != num_clients:   # static: fails at trace time
+        if cohort.num_clients != num_clients:   # static: fails at trace time
             raise ValueError(f"scaffold: num_clients={num_clients} but the population has "
-                             f"{cohort.population['n'].shape[0]} rows")
+                             f"{cohort.num_clients} rows")
         agg_key, train_key = jax.random.split(key)
         keys = client_keys(train_key, cohort.index)
         c_rows = client_state.gather(state.client_c, cohort)

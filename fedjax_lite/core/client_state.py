@@ -49,7 +49,7 @@ def num_rows(state: ClientState) -> int:
 
 
 def _check(state: ClientState, cohort: Cohort, what: str) -> None:
-    rows, population = num_rows(state), cohort.population["n"].shape[0]
+    rows, population = num_rows(state), cohort.num_clients
     if rows != population:          # static shapes: raised at trace time
         raise ValueError(f"client_state.{what}: the state has {rows} rows but the "
                          f"population has {population} clients")

@@ -6,9 +6,52 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_lite.core.round import EngineOptions, make_cohort, map_cohort
 from fedjax_lite.models.base import Model
+
+
+def build_evaluate_sums(model: Model, engine: EngineOptions = EngineOptions(chunk_size=256)
+                        ) -> Callable:
+    """``sums(params, data) -> dict`` of additive sums over the clients of ``data``
+    (``{x, y, n}``): example-weighted loss and correct counts, per-client means and
+    counts; :func:`finish_evaluate` turns sums (of one population, or added over blocks
+    of one) into the metrics."""
+
+    def one_client(params, x, y, n):
+        logits = model.apply(params, x)
+        mask = (jnp.arange(x.shape[0]) < n).astype(jnp.float32)
+        loss = jnp.sum(model.loss(logits, y) * mask)
+        correct = jnp.sum((model.predict(logits) == y) * mask)
+        return loss, correct
+
+    def sums(params, data):
+        everyone = make_cohort(data, jnp.arange(data["n"].shape[0]))
+        loss, correct = map_cohort(
+            jax.vmap(lambda x, y, n: one_client(params, x, y, n)), everyone, (), engine)
+        n = data["n"].astype(jnp.float32)
+        has = n > 0
+        per = jnp.maximum(n, 1.0)
+        return {"loss": jnp.sum(loss), "correct": jnp.sum(correct), "examples": jnp.sum(n),
+                "client_loss": jnp.sum(jnp.where(has, loss / per, 0.0)),
+                "client_accuracy": jnp.sum(jnp.where(has, correct / per, 0.0)),
+                "clients": jnp.sum(has)}
+
+    return sums
+
+
+def finish_evaluate(s: dict) -> dict:
+    """The metrics from :func:`build_evaluate_sums`'s sums (jnp or NumPy values)."""
+    xp = jnp if isinstance(s["loss"], jax.Array) else np
+    total = xp.maximum(s["examples"], 1.0)
+    num_has = xp.maximum(s["clients"], 1)
+    return {
+        "eval_loss": s["loss"] / total,
+        "eval_accuracy": s["correct"] / total,
+        "eval_loss_client_mean": s["client_loss"] / num_has,
+        "eval_accuracy_client_mean": s["client_accuracy"] / num_has,
+    }
 
 
 def build_evaluate(model: Model, engine: EngineOptions = EngineOptions(chunk_size=256)
@@ -20,28 +63,5 @@ def build_evaluate(model: Model, engine: EngineOptions = EngineOptions(chunk_siz
     ``eval_accuracy_client_mean`` -- unweighted means of per-client values over clients
     with at least one test example (both conventions appear in FL papers).
     """
-
-    def one_client(params, x, y, n):
-        logits = model.apply(params, x)
-        mask = (jnp.arange(x.shape[0]) < n).astype(jnp.float32)
-        loss = jnp.sum(model.loss(logits, y) * mask)
-        correct = jnp.sum((model.predict(logits) == y) * mask)
-        return loss, correct
-
-    def evaluate(params, data):
-        everyone = make_cohort(data, jnp.arange(data["n"].shape[0]))
-        loss, correct = map_cohort(
-            jax.vmap(lambda x, y, n: one_client(params, x, y, n)), everyone, (), engine)
-        n = data["n"].astype(jnp.float32)
-        total = jnp.maximum(jnp.sum(n), 1.0)
-        has = n > 0
-        per = jnp.maximum(n, 1.0)
-        num_has = jnp.maximum(jnp.sum(has), 1)
-        return {
-            "eval_loss": jnp.sum(loss) / total,
-            "eval_accuracy": jnp.sum(correct) / total,
-            "eval_loss_client_mean": jnp.sum(jnp.where(has, loss / per, 0.0)) / num_has,
-            "eval_accuracy_client_mean": jnp.sum(jnp.where(has, correct / per, 0.0)) / num_has,
-        }
-
-    return evaluate
+    sums = build_evaluate_sums(model, engine)
+    return lambda params, data: finish_evaluate(sums(params, data))

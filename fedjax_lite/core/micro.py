@@ -97,7 +97,8 @@ def map_reduce_cohort(chunk_fn: Callable, reduce_fn: Callable, cohort: Cohort,
     M = -(-C // groups)                       # the least padding for this many groups
     padded = groups * M
     inner = options._replace(micro_cohort=None)
-    fields = (cohort.index, cohort.n, cohort.mask, per_client, reduce_inputs)
+    fields = (cohort.index, cohort.data_rows, cohort.n, cohort.mask, per_client,
+              reduce_inputs)
     order = None
     if options.group_by_size and groups > 1:
         order = jnp.argsort(-jnp.where(cohort.mask, cohort.n, -1), stable=True)
@@ -107,13 +108,14 @@ def map_reduce_cohort(chunk_fn: Callable, reduce_fn: Callable, cohort: Cohort,
         a = jnp.concatenate([a, jnp.repeat(a[:1], padded - C, axis=0)])
         return a.reshape(groups, M, *a.shape[1:])
 
-    index, n, mask, per_client, reduce_inputs = jax.tree.map(split, fields)
+    index, rows, n, mask, per_client, reduce_inputs = jax.tree.map(split, fields)
     valid = (jnp.arange(padded) < C).reshape(groups, M)
-    xs = (index, n, mask, valid, per_client, reduce_inputs)
+    xs = (index, rows, n, mask, valid, per_client, reduce_inputs)
 
     def one(x):
-        index, n, mask, valid, per_client, reduce_inputs = x
-        sub = Cohort(cohort.population, index, jnp.where(valid, n, 0), mask & valid)
+        index, rows, n, mask, valid, per_client, reduce_inputs = x
+        sub = Cohort(cohort.population, index, jnp.where(valid, n, 0), mask & valid,
+                     None if cohort.rows is None else rows, cohort.size)
         return reduce_fn(map_cohort(chunk_fn, sub, per_client, inner), valid,
                          *reduce_inputs)
 

@@ -33,18 +33,35 @@ CLIENT_AXIS = "clients"
 
 
 class Cohort(NamedTuple):
-    """A round's cohort: rows ``index`` of the device-resident ``population``.
+    """A round's cohort: rows ``index`` of the population.
 
-    population: ``{'x': float32[K, N, ...], 'y': int32[K, N], 'n': int32[K]}``;
-    index: int32[C] sampled rows; mask: bool[C], False for padding slots (Poisson and
-    epoch sampling pad the cohort to a static size; a padding slot's index is a valid
-    row, but it trains nothing, weighs 0 and must never be scattered back);
-    n: int32[C] the rows' example counts, 0 for padding slots.
+    population: ``{'x': float32[P, N, ...], 'y': int32[P, N], 'n': int32[P]}``, the
+    device-resident population (P = K) or, with host storage, just the cohort's rows
+    gathered on the host (P = C);
+    index: int32[C] sampled population rows (what client keys, client state and attackers
+    are indexed by); mask: bool[C], False for padding slots (Poisson and epoch sampling
+    pad the cohort to a static size; a padding slot's index is a valid row, but it trains
+    nothing, weighs 0 and must never be scattered back);
+    n: int32[C] the rows' example counts, 0 for padding slots;
+    rows: int32[C] where each member's data sits in ``population`` (None: at ``index``);
+    size: the population's size K when ``population`` holds only the cohort.
     """
     population: dict
     index: jax.Array
     n: jax.Array
     mask: jax.Array
+    rows: jax.Array | None = None
+    size: int | None = None
+
+    @property
+    def data_rows(self) -> jax.Array:
+        """int32[C]: the members' rows of ``population``."""
+        return self.index if self.rows is None else self.rows
+
+    @property
+    def num_clients(self) -> int:
+        """K, the population's size (static)."""
+        return self.population["n"].shape[0] if self.size is None else self.size
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -88,11 +105,16 @@ class EngineOptions(NamedTuple):
 BACKENDS = ("shard_map", "pmap")
 
 
-def make_cohort(population: dict, index: jax.Array, mask: jax.Array | None = None) -> Cohort:
-    """The cohort of rows ``index``; ``mask`` (default: all True) marks real members."""
+def make_cohort(population: dict, index: jax.Array, mask: jax.Array | None = None, *,
+                rows: jax.Array | None = None, size: int | None = None) -> Cohort:
+    """The cohort of population rows ``index``; ``mask`` (default: all True) marks real
+    members. ``rows``/``size``: ``population`` holds only the cohort's data, member c's
+    at ``rows[c]``, of a population of ``size`` clients (host storage)."""
     index = index.astype(jnp.int32)
     mask = jnp.ones(index.shape, bool) if mask is None else jnp.asarray(mask, bool)
-    return Cohort(population, index, jnp.where(mask, population["n"][index], 0), mask)
+    at = index if rows is None else rows.astype(jnp.int32)
+    return Cohort(population, index, jnp.where(mask, population["n"][at], 0), mask,
+                  None if rows is None else at, size)
 
 
 def _chunking(num: int, chunk_size: int | None, shards: int) -> tuple[int, int]:
@@ -124,7 +146,7 @@ def map_cohort(chunk_fn: Callable, cohort: Cohort, per_client: tuple,
     chunks, K = _chunking(C, options.chunk_size, shards)
     padded = shards * chunks * K
     pad = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], padded - C, axis=0)])
-    index = pad(cohort.index)
+    index = pad(cohort.data_rows)
     counts = pad(cohort.n)
     valid = jnp.arange(padded) < C
     per_client = jax.tree.map(pad, per_client)
@@ -290,11 +312,14 @@ def poisson_bound_tail(num_clients: int, rate: float, bound: int) -> float:
     return float(_binomial_upper_tails(num_clients, rate)[bound])
 
 
-def build_round(algorithm: FederatedAlgorithm, *, num_clients: int,
-                clients_per_round: int, sampling: Sampling = Sampling()) -> Callable:
-    """The round function (not yet jitted: callers jit, shard or scan it). Its metrics
-    gain ``cohort_size`` (real members) and, for Poisson sampling, ``sampling_overflow``
-    (1 when the draw exceeded the static bound: the round's result must be discarded)."""
+def build_sampler(*, num_clients: int, clients_per_round: int,
+                  sampling: Sampling = Sampling()) -> Callable:
+    """``sample(round_num, key) -> (index, mask, extra)``: round ``round_num``'s cohort
+    (``key`` = the round's key; the round trains with the other half of its split).
+    ``extra``: ``cohort_size`` (real members) and, for Poisson sampling,
+    ``sampling_overflow`` (1 when the draw exceeded the static bound: the round's result
+    must be discarded). Only the round number and the key enter, so a host can draw
+    round r + 1's cohort while round r computes (host storage)."""
     if not 0 < clients_per_round <= num_clients:
         raise ValueError(f"clients_per_round={clients_per_round} must be in "
                          f"[1, {num_clients}] (the population size)")
@@ -306,22 +331,57 @@ def build_round(algorithm: FederatedAlgorithm, *, num_clients: int,
         raise ValueError("epoch sampling needs the run's root key")
     rate = clients_per_round / num_clients
 
-    def round_fn(state, population: dict, key: jax.Array):
-        sample_key, train_key = jax.random.split(key)
+    def sample(round_num, key: jax.Array):
+        sample_key, _ = jax.random.split(key)
         extra = {}
         if sampling.kind == "poisson":
             index, mask, count = poisson_cohort(sample_key, num_clients, rate, sampling.bound)
             extra["sampling_overflow"] = (count > sampling.bound).astype(jnp.float32)
         elif sampling.kind == "epochs":
             index, mask = epoch_cohort(jax.random.fold_in(sampling.key, EPOCH_STREAM),
-                                       state.round, num_clients, clients_per_round)
+                                       round_num, num_clients, clients_per_round)
             count = jnp.sum(mask, dtype=jnp.int32)
         else:
             index = sample_cohort(sample_key, num_clients, clients_per_round)
-            mask, count = None, jnp.asarray(clients_per_round, jnp.int32)
+            mask, count = jnp.ones(index.shape, bool), jnp.asarray(clients_per_round,
+                                                                  jnp.int32)
+        return index, mask, {"cohort_size": count.astype(jnp.float32), **extra}
+
+    return sample
+
+
+def build_round(algorithm: FederatedAlgorithm, *, num_clients: int,
+                clients_per_round: int, sampling: Sampling = Sampling()) -> Callable:
+    """The round function on a device-resident population (not yet jitted: callers
+    jit, shard or scan it): :func:`build_sampler`'s cohort, then ``algorithm.apply``.
+    Its metrics gain the sampler's ``cohort_size`` / ``sampling_overflow``."""
+    sample = build_sampler(num_clients=num_clients, clients_per_round=clients_per_round,
+                           sampling=sampling)
+
+    def round_fn(state, population: dict, key: jax.Array):
+        index, mask, extra = sample(getattr(state, "round", None), key)
+        _, train_key = jax.random.split(key)
         state, metrics = algorithm.apply(state, make_cohort(population, index, mask),
                                          train_key)
-        return state, {**metrics, "cohort_size": count.astype(jnp.float32), **extra}
+        return state, {**metrics, **extra}
+
+    return round_fn
+
+
+def build_cohort_round(algorithm: FederatedAlgorithm, *, num_clients: int) -> Callable:
+    """The round on a cohort whose data the host gathered (``data.storage`` host or
+    mmap): ``round_fn(state, data, sampled, key)`` where ``sampled = (index, mask,
+    extra)`` is :func:`build_sampler`'s output for this round's key and ``data`` holds
+    the members' rows, member c's at ``rows[c]`` (``sampled`` + ``rows`` travel as
+    ``(index, mask, extra, rows)``). Computes exactly what :func:`build_round` computes
+    on the whole population."""
+
+    def round_fn(state, data: dict, sampled, key: jax.Array):
+        index, mask, extra, rows = sampled
+        _, train_key = jax.random.split(key)
+        cohort = make_cohort(data, index, mask, rows=rows, size=num_clients)
+        state, metrics = algorithm.apply(state, cohort, train_key)
+        return state, {**metrics, **extra}
 
     return round_fn
 

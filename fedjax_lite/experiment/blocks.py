@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.core import round_key
 
 
 def all_finite(tree) -> bool:
@@ -37,17 +36,18 @@ def all_finite(tree) -> bool:
 class RoundSource:
     """``next(state, r) -> (new_state, metrics, seconds)`` for round r (0-based).
 
-    round_fn(state, population, key): the compiled round; block_fn(state, population,
+    step(state, r) -> (state, metrics): one round (the compiled round with round r's
+    key; with host storage, on the cohort gathered for round r); block_fn(state, population,
     root, start) or None: the compiled K-round program; boundary(done) -> bool: whether
     the runner evaluates or checkpoints after ``done`` rounds; allow(r, k) -> bool:
     whether rounds r .. r + k - 1 may run without a host decision in between (the
     privacy budget)."""
 
-    def __init__(self, round_fn: Callable, block_fn: Callable | None, block: int,
+    def __init__(self, step: Callable, block_fn: Callable | None, block: int,
                  rounds: int, population, root: jax.Array,
                  boundary: Callable[[int], bool], allow: Callable[[int, int], bool],
                  params_checked: bool):
-        self.round_fn, self.block_fn, self.K = round_fn, block_fn, block
+        self.step, self.block_fn, self.K = step, block_fn, block
         self.rounds, self.population, self.root = rounds, population, root
         self.boundary, self.allow = boundary, allow
         self.params_checked = params_checked     # DP runs judge by the model, not the loss
@@ -68,7 +68,7 @@ class RoundSource:
 
     def _one(self, state, r: int):
         t = time.perf_counter()
-        new_state, metrics = self.round_fn(state, self.population, round_key(self.root, r))
+        new_state, metrics = self.step(state, r)
         jax.block_until_ready(new_state)
         return new_state, metrics, time.perf_counter() - t
 

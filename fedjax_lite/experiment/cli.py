@@ -5,6 +5,7 @@
                     [--heartbeat-timeout S]
     fedjax-lite compare CONFIG --algorithms a,b [--aggregators x,y] [--seeds 3]
                         [--target-accuracy 0.8] [--set ...] --out DIR
+    fedjax-lite prepare CONFIG --out DIR [--set ...]
     fedjax-lite privacy --rounds R --sampling-rate q --noise-multiplier z --delta d
                         [--sampling poisson|fixed --population K] [--accountant rdp|pld]
                         [--target-epsilon e] [--neighboring ...] [--json]
@@ -72,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="continue a comparison in --out: finished runs are kept, "
                         "interrupted ones continue from their checkpoints")
+    pr = sub.add_parser("prepare", help="write a config's population as memory-mapped "
+                                        ".npy files (data.storage: mmap)")
+    pr.add_argument("config", help="path to a YAML config (its data section is used)")
+    pr.add_argument("--out", required=True,
+                    help="the folder to write; runs read it with data.prepared: DIR")
+    pr.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
     v = sub.add_parser("privacy", help="epsilon of DP-FedAvg (or the noise multiplier for "
                                        "a target epsilon), accounted with dp-accounting")
     v.add_argument("--rounds", type=int, required=True, help="rounds (compositions)")
@@ -315,6 +323,14 @@ def _under(path, folder: str) -> bool:
 def _dispatch(args, raw: dict, config, interrupts):
     """Runs the command; returns the run's summary (None for compare, which prints)."""
     from fedjax_lite.experiment.runner import run
+    if args.command == "prepare":
+        from fedjax_lite.experiment.runner import DataError
+        from fedjax_lite.experiment.storage import prepare
+        try:
+            print(json.dumps(prepare(config, args.out)))
+        except (ValueError, FileNotFoundError) as e:
+            raise DataError(str(e)) from e
+        return None
     if args.command == "compare":
         from fedjax_lite.experiment.compare import compare, markdown_table
         split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None

@@ -193,6 +193,8 @@ def population_estimate(config) -> tuple[tuple[str, ...], int, bool, str] | None
 def check_population_memory(config, available: int | None = None,
                             total: int | None = None) -> None:
     """ConfigError when the synthetic population cannot fit in the host's memory."""
+    if getattr(config.data, "prepared", None):     # read from files, never built whole
+        return
     if available is None:
         available, total = host_memory()
     if available is None:

@@ -26,9 +26,11 @@ import yaml
 
 from fedjax_lite.core import (Sampling, build_evaluate, build_round, build_rounds,
                               poisson_bound, round_key)
-from fedjax_lite.core.round import poisson_bound_tail
+from fedjax_lite.core.evaluate import build_evaluate_sums, finish_evaluate
+from fedjax_lite.core.round import build_cohort_round, build_sampler, poisson_bound_tail
+from fedjax_lite.data import check_cohort_size
 from fedjax_lite.experiment import config as cfg
-from fedjax_lite.experiment import build_recsys, distributed
+from fedjax_lite.experiment import build_recsys, distributed, storage
 from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm, build_data,
                                              build_model, engine_options)
 from fedjax_lite.experiment.blocks import RoundSource, all_finite
@@ -82,10 +84,22 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         if recommender:
             rec_data = build_recsys.build_ratings_data(config)
             train, test = rec_data.train, rec_data.test
+        elif storage.requested(config) == "mmap" or getattr(config.data, "prepared", None):
+            train, test = storage.load(config, out_dir, lambda: build_data(config))
+            check_cohort_size(train, config.algorithm.clients_per_round)
         else:
             train, test = build_data(config)
+    except cfg.ConfigError:           # the data contradicts a key (e.g. model.num_classes)
+        raise
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from e
+    where_data = storage.resolve(config, train)   # device | host | mmap
+    if where_data != "device" and config.engine.compile_rounds > 1:
+        raise cfg.ConfigError(
+            f"config key 'engine.compile_rounds': {config.engine.compile_rounds} rounds "
+            f"per program need the population on the device (data.storage is "
+            f"{where_data}{' (auto)' if storage.requested(config) == 'auto' else ''}); "
+            "set data.storage: device or engine.compile_rounds: 1")
     train = apply_label_attack(config, train)
     K, C = train.num_clients, config.algorithm.clients_per_round
     sampling_kind = config.algorithm.sampling
@@ -126,6 +140,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         else:
             model = build_model(config, train.feature_shape)
             algorithm = build_algorithm(config, model, engine, num_clients=K, privacy=setup)
+    except cfg.ConfigError:           # a builder's check that names the config key
+        raise
     except ValueError as e:           # a builder's argument check (names the argument)
         raise cfg.ConfigError(f"config: {e}") from None
     # same config everywhere; every process has checked the folder before any writes
@@ -149,8 +165,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     state = algorithm.init(model.init_global(init_key) if recommender else model.init(init_key))
     if several:                # global arrays, identical in every process
         state = put(state)
-    population = put(train.arrays())
-    test_data = put(test.arrays())
+    on_device = where_data == "device"
+    population = put(train.arrays()) if on_device else None
+    test_data = put(test.arrays()) if where_data != "mmap" else None
     eval_engine = engine._replace(chunk_size=None if engine.chunk_size is None
                                   else 4 * engine.chunk_size)
 
@@ -158,9 +175,19 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     if progress:
         print("fedjax-lite: compiling the round and the evaluation (kept in the compilation "
               "cache for later runs of these shapes) ...", file=sys.stderr, flush=True)
-    one_round = build_round(algorithm, num_clients=K, clients_per_round=C,
-                            sampling=sampling)
-    round_fn = jit(one_round).lower(state, population, round_key(run_key, 0)).compile()
+    host_rounds = None
+    if on_device:
+        one_round = build_round(algorithm, num_clients=K, clients_per_round=C,
+                                sampling=sampling)
+        round_fn = jit(one_round).lower(state, population, round_key(run_key, 0)).compile()
+        step = lambda st, r: round_fn(st, population, round_key(run_key, r))
+    else:      # host / mmap: the cohort is drawn on the device, gathered on the host
+        host_rounds = storage.HostRounds(
+            train, jit(build_sampler(num_clients=K, clients_per_round=C,
+                                     sampling=sampling)), put, run_key, config.rounds)
+        host_rounds.cohort_round = jit(build_cohort_round(algorithm, num_clients=K)).lower(
+            state, *host_rounds.first(0)).compile()
+        step = host_rounds
     block_fn = None                   # engine.compile_rounds: K rounds per program
     if config.engine.compile_rounds > 1:
         block_fn = jit(build_rounds(one_round, config.engine.compile_rounds)).lower(
@@ -176,6 +203,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         def evaluate(st, data):
             metrics, per_user["last"] = compiled(st, population, data, *rec_inputs)
             return metrics
+    elif where_data == "mmap":       # the test clients stream through in blocks
+        blocked = storage.blocked_evaluate(build_evaluate_sums(model, eval_engine),
+                                           finish_evaluate, test, put)
+        evaluate = lambda st, data: blocked(st.params)
     else:
         compiled = jit(build_evaluate(model, eval_engine)).lower(
             state.params, test_data).compile()
@@ -249,7 +280,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     stop_signal = (lambda: None) if interrupts is None else (
         lambda: distributed.agreed_signal(interrupts.requested))
     source = RoundSource(
-        round_fn, block_fn, config.engine.compile_rounds, config.rounds, population,
+        step, block_fn, config.engine.compile_rounds, config.rounds, population,
         run_key, allow=lambda r, k: ledger is None or not ledger.would_exceed(r + k),
         boundary=lambda d: d % config.eval_every == 0 or d == config.rounds or bool(
             config.checkpoint_every and d % config.checkpoint_every == 0),
@@ -321,6 +352,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             raise Interrupted(signum, config.rounds)
     finally:
         bar.close()
+        if host_rounds is not None:
+            host_rounds.close()
         if interrupts is not None:
             interrupts.phase = "setup"        # writing outputs: a signal exits at once
     if last_saved != config.rounds:
@@ -354,6 +387,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         **({"num_train_examples": train.num_examples,
             "num_test_examples": test.num_examples} if show_loss else {}),
         "resumed_from_round": start if resume else None,
+        "storage": where_data,
         "sampling": {"kind": sampling_kind, "static_cohort_size": bound,
                      "overflow_probability_per_round": overflow_p},
         **({} if ledger is None else {"privacy": ledger.summary(config, config.rounds)}),

@@ -1,0 +1,198 @@
+"""Prepared populations on disk: ``.npy`` files read through memory maps (``data.storage:
+mmap``), for populations larger than RAM.
+
+A prepared folder holds ``train/`` and ``test/``, each with ``x.npy`` (float32[K, N, ...]),
+``y.npy`` (int32[K, N]), ``n.npy`` (int32[K]) and ``client_ids.npy`` (int64[K]), and
+``prepared.json``: the format version, the shapes, and the *fingerprint* -- the resolved
+data config (with its seed) the files were made from, so a run never silently trains on
+another dataset's files. ``fedjax-lite prepare`` writes one from a config; the runner
+writes one into ``OUT/prepared`` on a first mmap run; :class:`PreparedWriter` fills one a
+block of clients at a time, so a population never has to fit in memory whole.
+
+Reading: :func:`open_prepared` returns :class:`Population` objects whose ``x`` and ``y``
+are :class:`MappedArray` views: indexing one with client rows maps the file, copies the
+rows out and unmaps it again, so pages read for one round's cohort do not stay mapped
+(and counted in the process's resident memory) for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import numpy as np
+
+from fedjax_lite.data.population import Population
+
+FORMAT = 1
+ARRAYS = ("x", "y", "n", "client_ids")
+DTYPES = {"x": np.float32, "y": np.int32, "n": np.int32, "client_ids": np.int64}
+
+
+class MappedArray:
+    """A read-only ``.npy`` array read through a memory map on each access."""
+
+    def __init__(self, path: str):
+        self.path = path
+        probe = np.load(path, mmap_mode="r")
+        self.shape, self.dtype = probe.shape, probe.dtype
+        self.ndim = probe.ndim
+        del probe
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        mapped = np.load(self.path, mmap_mode="r")
+        rows = np.array(mapped[index])          # a copy: the map goes with ``mapped``
+        del mapped
+        return rows
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def _fingerprint_text(fingerprint: dict) -> str:
+    return json.dumps(fingerprint, sort_keys=True, default=str)
+
+
+class PreparedWriter:
+    """Writes one split (``train`` or ``test``) of a prepared folder block by block.
+
+    ``PreparedWriter(folder, split, num_clients, width, feature_shape)``, then
+    ``write(start, x, y, n, client_ids)`` for consecutive blocks of clients, then
+    ``close()``. Memory: one block."""
+
+    def __init__(self, folder: str, split: str, num_clients: int, width: int,
+                 feature_shape: tuple[int, ...]):
+        self.dir = os.path.join(folder, split)
+        os.makedirs(self.dir, exist_ok=True)
+        shapes = {"x": (num_clients, width, *feature_shape), "y": (num_clients, width),
+                  "n": (num_clients,), "client_ids": (num_clients,)}
+        self.arrays = {k: np.lib.format.open_memmap(os.path.join(self.dir, f"{k}.npy"),
+                                                    mode="w+", dtype=DTYPES[k],
+                                                    shape=shapes[k])
+                       for k in ARRAYS}
+        self.num_clients, self.filled = num_clients, 0
+
+    def write(self, start: int, x, y, n, client_ids) -> None:
+        stop = start + len(n)
+        if start != self.filled or stop > self.num_clients:
+            raise ValueError(f"{self.dir}: block [{start}, {stop}) is not the next block "
+                             f"(filled up to {self.filled} of {self.num_clients})")
+        for k, v in zip(ARRAYS, (x, y, n, client_ids)):
+            self.arrays[k][start:stop] = v
+        self.filled = stop
+
+    def close(self) -> None:
+        if self.filled != self.num_clients:
+            raise ValueError(f"{self.dir}: only {self.filled} of {self.num_clients} "
+                             "clients written")
+        for a in self.arrays.values():
+            a.flush()
+        self.arrays = {}
+
+
+def write_meta(folder: str, fingerprint: dict) -> None:
+    """Finishes a prepared folder: ``prepared.json`` is written last (atomically), so a
+    folder without it is an unfinished one and is never read."""
+    meta = {"format": FORMAT, "fingerprint": fingerprint,
+            "splits": {s: {k: list(np.load(os.path.join(folder, s, f"{k}.npy"),
+                                            mmap_mode="r").shape) for k in ARRAYS}
+                       for s in ("train", "test")}}
+    tmp = os.path.join(folder, "prepared.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(folder, "prepared.json"))
+
+
+def write_prepared(folder: str, train: Population, test: Population,
+                   fingerprint: dict, block: int = 4096) -> None:
+    """Writes ``train`` and ``test`` into ``folder`` (replacing an unfinished folder)."""
+    if os.path.exists(os.path.join(folder, "prepared.json")):
+        os.remove(os.path.join(folder, "prepared.json"))
+    for name, pop in (("train", train), ("test", test)):
+        if os.path.isdir(os.path.join(folder, name)):
+            shutil.rmtree(os.path.join(folder, name))
+        w = PreparedWriter(folder, name, pop.num_clients, pop.max_examples,
+                           pop.feature_shape)
+        for s in range(0, pop.num_clients, block):
+            sl = slice(s, s + block)
+            w.write(s, pop.x[sl], pop.y[sl], pop.n[sl], pop.client_ids[sl])
+        w.close()
+    write_meta(folder, fingerprint)
+
+
+def read_meta(folder: str) -> dict | None:
+    """``prepared.json`` of ``folder``, or None when the folder is absent/unfinished."""
+    path = os.path.join(folder, "prepared.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a prepared folder of format {FORMAT}")
+    return meta
+
+
+def fingerprint_mismatch(meta: dict, fingerprint: dict) -> str | None:
+    """None if ``meta`` was prepared from ``fingerprint``; else what differs."""
+    have = json.loads(_fingerprint_text(meta.get("fingerprint", {})))
+    want = json.loads(_fingerprint_text(fingerprint))
+    if have == want:
+        return None
+    keys = sorted(set(have) | set(want))
+    diff = [f"{k}: prepared {have.get(k)!r}, config {want.get(k)!r}" for k in keys
+            if have.get(k) != want.get(k)]
+    return "; ".join(diff) or "different data"
+
+
+def open_prepared(folder: str, fingerprint: dict | None = None
+                  ) -> tuple[Population, Population]:
+    """(train, test) of a prepared folder, ``x``/``y`` memory-mapped (n and ids in RAM).
+
+    Raises ValueError (naming the folder) for a missing/unfinished folder, or -- when
+    ``fingerprint`` is given -- one prepared from other data."""
+    meta = read_meta(folder)
+    if meta is None:
+        raise ValueError(f"{folder}: not a prepared folder (no prepared.json; make one "
+                         "with `fedjax-lite prepare CONFIG --out DIR`)")
+    if fingerprint is not None and (why := fingerprint_mismatch(meta, fingerprint)):
+        raise ValueError(f"{folder} was prepared from other data ({why}); prepare it "
+                         "again or point data.prepared elsewhere")
+    out = []
+    for split in ("train", "test"):
+        d = os.path.join(folder, split)
+        try:
+            x, y = (MappedArray(os.path.join(d, f"{k}.npy")) for k in ("x", "y"))
+            n = np.load(os.path.join(d, "n.npy"))
+            ids = np.load(os.path.join(d, "client_ids.npy"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{d}: unreadable prepared arrays ({e})") from None
+        K = len(n)
+        if x.shape[:2] != y.shape or y.shape[0] != K or len(ids) != K:
+            raise ValueError(f"{d}: inconsistent shapes x {x.shape}, y {y.shape}, "
+                             f"n {n.shape}, client_ids {ids.shape}")
+        if K and (n.min() < 0 or n.max() > x.shape[1]):
+            raise ValueError(f"{d}: example counts outside [0, {x.shape[1]}]")
+        out.append(Population(x, y, n.astype(np.int32), ids.astype(np.int64)))
+    return out[0], out[1]
+
+
+def population_bytes(pop: Population) -> int:
+    """Bytes of a population's arrays (what the device would hold)."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+               for a in (pop.x, pop.y, pop.n))
+
+
+__all__ = ["MappedArray", "PreparedWriter", "fingerprint_mismatch", "open_prepared",
+           "population_bytes", "read_meta", "write_meta", "write_prepared"]
+

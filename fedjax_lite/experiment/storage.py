@@ -1,0 +1,225 @@
+"""``data.storage``: where the training population lives while a run trains.
+
+- ``device``: on the device(s) for the whole run; a round samples and gathers its cohort
+  inside the compiled program (:func:`fedjax_lite.core.build_round`).
+- ``host``: in host memory. Round r's cohort is drawn by the same sampler on the device
+  (:func:`fedjax_lite.core.round.build_sampler`: only the round number and key enter),
+  its rows are gathered on the host and transferred, and the round runs on just those
+  rows (:func:`fedjax_lite.core.round.build_cohort_round`). While round r computes, a
+  background thread already draws, gathers and transfers round r + 1's cohort (double
+  buffering), so the device does not wait for the host when compute dominates.
+- ``mmap``: like host, but the population is read from memory-mapped ``.npy`` files
+  (:mod:`fedjax_lite.data.prepared`) -- ``data.prepared``, or ``OUT/prepared`` written on
+  the first run -- so it may be larger than RAM; evaluation streams the test clients
+  through the device in blocks.
+- ``auto``: ``mmap`` when ``data.prepared`` is given, else ``device`` when the population
+  fits the device budget (:func:`device_budget`), else ``host``.
+
+The cohort, its keys, client state and every computation are the same in all three, so
+the trained models are identical (tested bitwise); mmap's blocked evaluation sums its
+blocks in another order (equal to float rounding).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lite.core import round_key
+from fedjax_lite.data import Population
+from fedjax_lite.data import prepared as prep
+from fedjax_lite.experiment import config as cfg
+
+# shares of memory a population may take when ``auto`` puts it on the device: on a CPU
+# the "device" copy is a second copy in RAM (the host arrays stay alive for outputs)
+DEVICE_SHARE, CPU_SHARE = 0.4, 0.25
+
+
+def device_budget() -> int:
+    """Bytes ``auto`` lets the population take on one device."""
+    dev = jax.local_devices()[0]
+    stats = None
+    try:
+        stats = dev.memory_stats()
+    except Exception:                                  # backends without statistics
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(DEVICE_SHARE * stats["bytes_limit"])
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 8 << 30
+    return int(CPU_SHARE * ram)
+
+
+def fingerprint(config: cfg.Config) -> dict:
+    """What a prepared folder's arrays depend on: the data section (without the storage
+    keys), the data seed and the resolved test split."""
+    from fedjax_lite.experiment.builders import test_split
+    data = dict(cfg.to_dict(config)["data"])
+    for k in ("storage", "prepared", "seed"):
+        data.pop(k, None)
+    data["seed"] = data_seed(config)
+    if "test_split" in data:
+        data["test_split"] = test_split(config)
+    return data
+
+
+def data_seed(config: cfg.Config) -> int:
+    seed = getattr(config.data, "seed", None)
+    return config.seed if seed is None else seed
+
+
+def requested(config: cfg.Config) -> str:
+    return getattr(config.data, "storage", "device")
+
+
+def resolve(config: cfg.Config, train: Population | None) -> str:
+    """The storage this run uses (``auto`` resolved; ``train`` None: not built yet)."""
+    kind = requested(config)
+    if kind != "auto":
+        return kind
+    if getattr(config.data, "prepared", None):
+        return "mmap"
+    if config.engine.compile_rounds > 1 or train is None:
+        return "device"
+    return "device" if prep.population_bytes(train) <= device_budget() else "host"
+
+
+def load(config: cfg.Config, out_dir: str, build: Callable[[], tuple]) -> tuple:
+    """(train, test) for an mmap run or a run from ``data.prepared``: the prepared
+    folder's memory-mapped arrays (checked against the config's fingerprint), preparing
+    ``OUT/prepared`` from ``build()`` on the first run when no folder is configured."""
+    folder = getattr(config.data, "prepared", None)
+    want = fingerprint(config)
+    if folder is None:
+        folder = os.path.join(out_dir, "prepared")
+        meta = prep.read_meta(folder)
+        if meta is None or prep.fingerprint_mismatch(meta, want):
+            train, test = build()
+            os.makedirs(folder, exist_ok=True)
+            prep.write_prepared(folder, train, test, want)
+            del train, test
+    elif not os.path.isdir(folder):
+        raise FileNotFoundError(f"config key 'data.prepared': {folder} does not exist "
+                                "(make it with `fedjax-lite prepare CONFIG --out DIR`)")
+    train, test = prep.open_prepared(folder, want)
+    if requested(config) in ("device", "host"):          # read the files into memory
+        train, test = (Population(np.asarray(p.x), np.asarray(p.y), p.n, p.client_ids)
+                       for p in (train, test))
+    return train, test
+
+
+def prepare(config: cfg.Config, folder: str) -> dict:
+    """``fedjax-lite prepare``: writes the config's (train, test) populations into
+    ``folder``; a folder already prepared from the same data is kept as it is, one
+    prepared from other data is refused (ValueError), never overwritten."""
+    from fedjax_lite.experiment.builders import build_data
+    want = fingerprint(config)
+    meta = prep.read_meta(folder)
+    if meta is not None and (why := prep.fingerprint_mismatch(meta, want)):
+        raise ValueError(f"{folder} already holds data prepared from another config "
+                         f"({why}); choose another --out")
+    if meta is None:
+        train, test = build_data(config)
+        os.makedirs(folder, exist_ok=True)
+        prep.write_prepared(folder, train, test, want)
+        del train, test
+    train, test = prep.open_prepared(folder, want)
+    return {"prepared": folder, "up_to_date": meta is not None,
+            "train_clients": train.num_clients, "test_clients": test.num_clients,
+            "bytes": prep.population_bytes(train) + prep.population_bytes(test)}
+
+
+class HostRounds:
+    """``step(state, r) -> (state, metrics)`` for a population kept on the host.
+
+    ``sampler``: the jitted :func:`~fedjax_lite.core.round.build_sampler`;
+    ``cohort_round``: the compiled :func:`~fedjax_lite.core.round.build_cohort_round`;
+    ``put``: host arrays to the devices the round runs on."""
+
+    def __init__(self, train: Population, sampler: Callable, put: Callable,
+                 root: jax.Array, rounds: int):
+        self.train, self.sampler, self.put = train, sampler, put
+        self.root, self.rounds = root, rounds
+        self.cohort_round = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedjax-lite-cohort")
+        self._pending: dict = {}
+
+    def fetch(self, r: int):
+        """Round r's (data, sampled, key): drawn on the device, gathered on the host
+        in ascending row order (sequential reads from a memory map), transferred."""
+        key = round_key(self.root, r)
+        index, mask, extra = self.sampler(jnp.int32(r), key)
+        idx = np.asarray(index)
+        order = np.argsort(idx, kind="stable")
+        rows = np.empty(len(idx), np.int32)
+        rows[order] = np.arange(len(idx), dtype=np.int32)
+        take = idx[order]
+        data = {"x": self.train.x[take], "y": self.train.y[take], "n": self.train.n[take]}
+        return self.put(data), (index, mask, extra, self.put(rows)), key
+
+    def _take(self, r: int):
+        pending = self._pending.pop(r, None)
+        self._pending.clear()
+        return pending.result() if pending is not None else self.fetch(r)
+
+    def __call__(self, state, r: int):
+        data, sampled, key = self._take(r)
+        if r + 1 < self.rounds:                 # double buffering: the next cohort now
+            self._pending[r + 1] = self._pool.submit(self.fetch, r + 1)
+        return self.cohort_round(state, data, sampled, key)
+
+    def first(self, r: int):
+        """Round r's inputs (to compile against), kept for round r."""
+        got = self.fetch(r)
+        done = self._pool.submit(lambda: got)
+        self._pending[r] = done
+        return got
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def blocked_evaluate(evaluate_sums: Callable, finish: Callable, test: Population,
+                     put: Callable, block: int = 4096) -> Callable:
+    """``evaluate(params)`` over a host (or memory-mapped) test population, ``block``
+    clients at a time through one compiled program (the last block padded with empty
+    clients, which count nowhere); sums accumulate in float64 on the host."""
+    K = test.num_clients
+    block = max(1, min(block, K))
+    compiled = {}
+
+    def take(s: int) -> dict:
+        stop = min(s + block, K)
+        out = {}
+        for k, a in (("x", test.x), ("y", test.y), ("n", test.n)):
+            rows = np.asarray(a[s:stop])
+            if stop - s < block:
+                rows = np.concatenate([rows, np.zeros((block - (stop - s),) + rows.shape[1:],
+                                                      rows.dtype)])
+            out[k] = rows
+        return put(out)
+
+    def evaluate(params):
+        total = None
+        for s in range(0, K, block):
+            data = take(s)
+            if "fn" not in compiled:
+                compiled["fn"] = jax.jit(evaluate_sums).lower(params, data).compile()
+            sums = jax.tree.map(lambda v: np.asarray(v, np.float64),
+                                compiled["fn"](params, data))
+            total = sums if total is None else jax.tree.map(np.add, total, sums)
+        return finish(total)
+
+    return evaluate
+
+
+__all__ = ["HostRounds", "blocked_evaluate", "data_seed", "device_budget", "fingerprint",
+           "load", "prepare", "requested", "resolve"]
