@@ -143,52 +143,66 @@ def cohort_size_part(args) -> list[dict]:
     return out
 
 
+PARTS = ("compile_rounds", "cohort_size", "storage", "devices", "mmap")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="which parts to (re)measure; the others keep their last results "
+                         "in scaling.json (each part records its own git commit)")
     ap.add_argument("--cohorts", default="100,1000")
     ap.add_argument("--block", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--sizes", default="100,1000,10000,100000")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--storage-cohorts", default="1000,10000")
+    ap.add_argument("--storage-rounds", type=int, default=8)
+    ap.add_argument("--device-counts", default="1,2,4,8")
+    ap.add_argument("--device-cohorts", default="1000,10000")
+    ap.add_argument("--device-repeats", type=int, default=2)
+    ap.add_argument("--mmap-sizes", default="10000,100000,1000000")
+    ap.add_argument("--mmap-cohort", type=int, default=1000)
+    ap.add_argument("--mmap-rounds", type=int, default=5)
+    ap.add_argument("--mmap-folder", default="/tmp/fedjax_lite_scaling_mmap")
     ap.add_argument("--out", default=str(REPO / "results"))
     args = ap.parse_args(argv)
-    args.cohorts = [int(v) for v in args.cohorts.split(",") if v]
-    args.sizes = [int(v) for v in args.sizes.split(",") if v]
+    ints = lambda v: [int(x) for x in v.split(",") if x]
+    args.cohorts, args.sizes = ints(args.cohorts), ints(args.sizes)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown parts {unknown}; choose from {PARTS}")
     from fedjax_lite.experiment.host import configure_host
     configure_host()
-    t0 = time.time()
-    source = source_state()
-    res = {"source": source, "compile_rounds": compile_rounds_part(args),
-           "cohort_size": cohort_size_part(args)}
-    res["machine"] = tp.machine_info()
-    res["wall_s"] = time.time() - t0
-    res["args"] = {k: v for k, v in vars(args).items()}
+    import scaling_parts as sp
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scaling.json").write_text(json.dumps(res, indent=1))
-    m = res["machine"]
-    lines = ["# Scaling, part one: whole-run compilation and cohort size (workload W)", "",
-             f"Written by `benchmarks/scaling.py`. Machine: {m['cpu_model']}, "
-             f"{m['cpu_affinity']} cores ({len(m['devices'])} JAX devices), JAX {m['jax']} "
-             f"{m['backend']}, matmul {m.get('matmul_gflops')} GFLOP/s; git "
-             f"{source['git_commit'][:7]}"
-             f"{' (fedjax_lite/ modified)' if source['fedjax_lite_dirty'] else ''}.", "",
-             f"`engine.compile_rounds` = {args.block} rounds per program vs the per-round "
-             "loop, alternated in one process (population 1000):", "",
-             "| cohort | loop rounds/s | block rounds/s | speedup (median, range) |",
-             "|---|---|---|---|"]
-    for r in res["compile_rounds"]:
-        lines.append(f"| {r['cohort']} | {r['loop_rounds_per_s']:.1f} | "
-                     f"{r['block_rounds_per_s']:.1f} | {r['speedup_median']:.2f}x "
-                     f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}) |")
-    lines += ["", "One round of C clients (population = cohort):", "",
-              "| cohort | clients/s | round s | peak RSS MB (process so far) |",
-              "|---|---|---|---|"]
-    for r in res["cohort_size"]:
-        lines.append(f"| {r['cohort']:,} | {r['clients_per_s']:,.0f} | "
-                     f"{r['round_s_median']:.3f} | {r['peak_rss_mb']:,.0f} |")
-    (out / "scaling.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    path = out / "scaling.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    if "compile_rounds" in res and "runs" not in res:     # part one's layout: one run
+        first = {k: res.pop(k) for k in ("source", "machine", "wall_s", "args")
+                 if k in res}
+        res["runs"] = {k: first for k in ("compile_rounds", "cohort_size") if k in res}
+    res.setdefault("runs", {})
+    source, machine = source_state(), tp.machine_info()
+    measure = {
+        "compile_rounds": lambda: compile_rounds_part(args),
+        "cohort_size": lambda: cohort_size_part(args),
+        "storage": lambda: sp.storage_part(ints(args.storage_cohorts), args.storage_rounds),
+        "devices": lambda: sp.devices_part(ints(args.device_counts),
+                                           ints(args.device_cohorts), args.rounds,
+                                           args.device_repeats),
+        "mmap": lambda: sp.mmap_part(ints(args.mmap_sizes), args.mmap_cohort,
+                                     args.mmap_rounds, args.mmap_folder)}
+    for part in parts:
+        t0 = time.time()
+        res[part] = measure[part]()
+        res["runs"][part] = {"source": source, "machine": machine,
+                             "wall_s": time.time() - t0, "args": vars(args)}
+        path.write_text(json.dumps(res, indent=1))      # after every part: nothing lost
+    import scaling_report
+    scaling_report.write(res, out)
 
 
 if __name__ == "__main__":

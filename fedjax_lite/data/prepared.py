@@ -187,12 +187,27 @@ def open_prepared(folder: str, fingerprint: dict | None = None
     return out[0], out[1]
 
 
+def check_labels(pop: Population, num_classes: int, source: str,
+                 block: int = 65536) -> None:
+    """ValueError naming the client and example of the first real label outside
+    [0, num_classes) (read ``block`` clients at a time)."""
+    for s in range(0, pop.num_clients, block):
+        y = np.asarray(pop.y[s:s + block])
+        real = np.arange(y.shape[1])[None, :] < pop.n[s:s + block, None]
+        bad = real & ((y < 0) | (y >= num_classes))
+        if bad.any():
+            k, j = np.argwhere(bad)[0]
+            raise ValueError(f"{source}: client {pop.client_ids[s + k]}: label "
+                             f"{y[k, j]} of example {j} is out of range, expected "
+                             f"[0, {num_classes})")
+
+
 def population_bytes(pop: Population) -> int:
     """Bytes of a population's arrays (what the device would hold)."""
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
                for a in (pop.x, pop.y, pop.n))
 
 
-__all__ = ["MappedArray", "PreparedWriter", "fingerprint_mismatch", "open_prepared",
+__all__ = ["MappedArray", "PreparedWriter", "check_labels", "fingerprint_mismatch", "open_prepared",
            "population_bytes", "read_meta", "write_meta", "write_prepared"]
 

@@ -84,7 +84,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         if recommender:
             rec_data = build_recsys.build_ratings_data(config)
             train, test = rec_data.train, rec_data.test
-        elif storage.requested(config) == "mmap" or getattr(config.data, "prepared", None):
+        elif (storage.requested(config) == "mmap" or config.data.kind == "prepared"
+              or getattr(config.data, "prepared", None)):
             train, test = storage.load(config, out_dir, lambda: build_data(config))
             check_cohort_size(train, config.algorithm.clients_per_round)
         else:

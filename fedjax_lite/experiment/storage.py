@@ -84,7 +84,7 @@ def resolve(config: cfg.Config, train: Population | None) -> str:
     kind = requested(config)
     if kind != "auto":
         return kind
-    if getattr(config.data, "prepared", None):
+    if getattr(config.data, "prepared", None) or config.data.kind == "prepared":
         return "mmap"
     if config.engine.compile_rounds > 1 or train is None:
         return "device"
@@ -97,7 +97,11 @@ def load(config: cfg.Config, out_dir: str, build: Callable[[], tuple]) -> tuple:
     ``OUT/prepared`` from ``build()`` on the first run when no folder is configured."""
     folder = getattr(config.data, "prepared", None)
     want = fingerprint(config)
-    if folder is None:
+    if config.data.kind == "prepared":       # the folder is the data: nothing to match
+        folder, want = config.data.path, None
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"config key 'data.path': {folder} is not a folder")
+    elif folder is None:
         folder = os.path.join(out_dir, "prepared")
         meta = prep.read_meta(folder)
         if meta is None or prep.fingerprint_mismatch(meta, want):
@@ -109,6 +113,9 @@ def load(config: cfg.Config, out_dir: str, build: Callable[[], tuple]) -> tuple:
         raise FileNotFoundError(f"config key 'data.prepared': {folder} does not exist "
                                 "(make it with `fedjax-lite prepare CONFIG --out DIR`)")
     train, test = prep.open_prepared(folder, want)
+    if want is None:                # written outside the loaders: check the labels
+        for name, pop in (("train", train), ("test", test)):
+            prep.check_labels(pop, config.num_classes, os.path.join(folder, name))
     if requested(config) in ("device", "host"):          # read the files into memory
         train, test = (Population(np.asarray(p.x), np.asarray(p.y), p.n, p.client_ids)
                        for p in (train, test))
@@ -120,6 +127,8 @@ def prepare(config: cfg.Config, folder: str) -> dict:
     ``folder``; a folder already prepared from the same data is kept as it is, one
     prepared from other data is refused (ValueError), never overwritten."""
     from fedjax_lite.experiment.builders import build_data
+    if config.data.kind == "prepared":
+        raise ValueError(f"data.kind is 'prepared': {config.data.path} is prepared already")
     want = fingerprint(config)
     meta = prep.read_meta(folder)
     if meta is not None and (why := prep.fingerprint_mismatch(meta, want)):
