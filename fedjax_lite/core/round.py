@@ -89,6 +89,11 @@ class EngineOptions(NamedTuple):
       cohort's arrays sharded along the client axis) or ``pmap`` (reshaped to
       [devices, per_device, ...] and mapped by the classic ``jax.pmap``, for parity with
       code written for it). Both run the same per-device function on the same clients.
+    population_sharded: the population's rows are split over ``mesh``'s devices (leading
+      axis sharded, ``PartitionSpec('clients')``) instead of replicated on each: every
+      chunk's rows are then gathered where they live and delivered to the device that
+      trains them (a masked local gather and ``psum_scatter``: exact, since every row
+      comes from exactly one device). Needs ``shard_map``.
     micro_cohort: None, or how many clients' updates are materialized at once: the
       algorithms that support it (the FedAvg family, with a linear aggregator) run the
       cohort in micro-cohorts of this many clients and keep a running weighted sum
@@ -100,6 +105,7 @@ class EngineOptions(NamedTuple):
     group_by_size: bool = True
     backend: str = "shard_map"
     micro_cohort: int | None = None
+    population_sharded: bool = False
 
 
 BACKENDS = ("shard_map", "pmap")
@@ -159,22 +165,35 @@ def map_cohort(chunk_fn: Callable, cohort: Cohort, per_client: tuple,
         index, counts, valid, per_client = jax.tree.map(
             lambda a: a[perm], (index, counts, valid, per_client))
 
-    def run(population, index, counts, valid, per_client):
+    sharded_rows = options.population_sharded and options.mesh is not None
+
+    def run(population, index, counts, valid, per_client, all_index=None):
         def one_chunk(c):
             sl = lambda a: lax.dynamic_slice_in_dim(a, c * K, K)
-            rows = sl(index)
-            take = lambda a: jnp.take(a, rows, axis=0, mode="clip")
             n = jnp.where(sl(valid), sl(counts), 0)
-            return chunk_fn(take(population["x"]), take(population["y"]), n,
-                            *jax.tree.map(sl, per_client))
+            if all_index is None:
+                rows = sl(index)
+                take = lambda a: jnp.take(a, rows, axis=0, mode="clip")
+                x, y = take(population["x"]), take(population["y"])
+            else:
+                x, y = _gather_sharded_rows(population, all_index, c, shards, chunks, K)
+            return chunk_fn(x, y, n, *jax.tree.map(sl, per_client))
 
         if chunks == 1:
             return one_chunk(0)
         out = lax.map(one_chunk, jnp.arange(chunks))
         return jax.tree.map(lambda o: o.reshape(chunks * K, *o.shape[2:]), out)
 
+    if sharded_rows and options.backend != "shard_map":
+        raise ValueError("a sharded population needs the shard_map backend")
     if options.mesh is None:
         out = run(cohort.population, index, counts, valid, per_client)
+    elif sharded_rows:
+        spec = PartitionSpec(CLIENT_AXIS)
+        out = jax.shard_map(run, mesh=options.mesh,
+                            in_specs=(spec, spec, spec, spec, spec, PartitionSpec()),
+                            out_specs=spec, check_vma=False)(
+            cohort.population, index, counts, valid, per_client, index)
     elif options.backend == "pmap":
         # The classic per-device map: shard s holds padded rows [s*chunks*K, (s+1)*...),
         # exactly the rows shard_map gives device s; the population is broadcast.
@@ -195,6 +214,29 @@ def map_cohort(chunk_fn: Callable, cohort: Cohort, per_client: tuple,
     if grouped:
         out = jax.tree.map(lambda o: o[jnp.argsort(perm)], out)
     return jax.tree.map(lambda o: o[:C], out)
+
+
+def _gather_sharded_rows(population: dict, all_index: jax.Array, c, shards: int,
+                         chunks: int, K: int):
+    """Inside ``shard_map`` over a population sharded by rows: chunk ``c``'s (x, y) for
+    this device. Every device looks up, among the rows it holds, those of chunk c of
+    every device (zeros where another device holds the row) and ``psum_scatter`` hands
+    each device the sum for its own chunk -- its rows exactly (x + 0 = x)."""
+    local = population["n"].shape[0]
+    me = lax.axis_index(CLIENT_AXIS)
+    rows = lax.dynamic_index_in_dim(all_index.reshape(shards, chunks, K), c, axis=1,
+                                    keepdims=False)                       # [D, K]
+    rel = rows - me * local
+    mine = (rel >= 0) & (rel < local)
+
+    def gather(a):
+        got = jnp.take(a, jnp.clip(rel, 0, local - 1).reshape(-1), axis=0)
+        got = got.reshape(rows.shape + a.shape[1:])
+        got = jnp.where(mine.reshape(mine.shape + (1,) * (a.ndim - 1)), got,
+                        jnp.zeros((), a.dtype))
+        return lax.psum_scatter(got, CLIENT_AXIS, scatter_dimension=0, tiled=False)
+
+    return gather(population["x"]), gather(population["y"])
 
 
 def local_training_chunk(train_fn: Callable, *, local_epochs: int) -> Callable:
@@ -361,8 +403,9 @@ def build_round(algorithm: FederatedAlgorithm, *, num_clients: int,
     def round_fn(state, population: dict, key: jax.Array):
         index, mask, extra = sample(getattr(state, "round", None), key)
         _, train_key = jax.random.split(key)
-        state, metrics = algorithm.apply(state, make_cohort(population, index, mask),
-                                         train_key)
+        # size: a sharded population may carry empty rows past K (device divisibility)
+        cohort = make_cohort(population, index, mask, size=num_clients)
+        state, metrics = algorithm.apply(state, cohort, train_key)
         return state, {**metrics, **extra}
 
     return round_fn

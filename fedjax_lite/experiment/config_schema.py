@@ -101,6 +101,64 @@ class NpzData:
         lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
 
 
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared folder as the data itself (``fedjax_lite.data.prepared``: train/ and
+    test/ .npy arrays, written by ``fedjax-lite prepare`` or block by block with
+    ``PreparedWriter`` for populations larger than RAM); read memory-mapped by default."""
+    kind: Literal["prepared"] = "prepared"
+    path: str = ""
+    storage: Literal[STORAGES] = "auto"
+
+
+@dataclass(frozen=True)
+class LeafData:
+    """LEAF-format JSON (FEMNIST, Shakespeare, Sent140, FedProx's synthetic data): a file
+    or a directory of files, one client per user (fedjax_lite.data.leaf)."""
+    kind: Literal["leaf"] = "leaf"
+    path: str = ""
+    test_path: str | None = None
+    vocab_size: int = field(default=1000, metadata=_POS_INT)   # Sent140 bag of words
+    test_fraction: float = field(default=0.2, metadata=_FRACTION)
+    test_split: Literal[TEST_SPLITS] = "auto"      # without test_path
+    storage: Literal[STORAGES] = "auto"
+    prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
+    seed: Union[int, None] = field(default=None, metadata=_check(   # the data's seed
+        lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
+
+
+# How a centralized dataset is spread over clients (fedjax_lite.data.partition): iid;
+# dirichlet label skew (Hsu et al. 2019, concentration alpha); shards, McMahan et al.'s
+# (2017) pathological split (shards_per_client label-sorted shards each); quantity_skew,
+# lognormal client sizes (log-scale sigma) with IID labels.
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew")
+PARTITION_KEYS = {"alpha": ("dirichlet",), "shards_per_client": ("shards",),
+                  "sigma": ("quantity_skew",)}
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    kind: Literal[PARTITIONS] = "iid"
+    alpha: float = field(default=0.5, metadata=_POS)             # dirichlet
+    shards_per_client: int = field(default=2, metadata=_POS_INT)  # shards
+    sigma: float = field(default=1.0, metadata=_NONNEG)           # quantity_skew
+
+
+@dataclass(frozen=True)
+class SklearnDigitsData:
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes): a stratified held-out
+    test set, the rest partitioned over num_clients (fedjax_lite.data.digits)."""
+    kind: Literal["sklearn_digits"] = "sklearn_digits"
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    num_clients: int = field(default=100, metadata=_POS_INT)
+    test_fraction: float = field(default=0.2, metadata=_check(lambda v: 0 < v < 1,
+                                                              "a number in (0, 1)"))
+    storage: Literal[STORAGES] = "auto"
+    prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
+    seed: Union[int, None] = field(default=None, metadata=_check(   # the data's seed
+        lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
+
+
 RATING_SPLITS = ("random", "temporal", "leave_one_out")
 MOVIELENS_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub") + RATING_SPLITS
 
@@ -128,11 +186,12 @@ class MovieLensData:
 
 
 RATINGS_DATA = ("synthetic_ratings", "movielens")
-DataConfig = Union[SyntheticLogisticData, FedProxSyntheticData, NpzData,
-                   SyntheticRatingsData, MovieLensData]
+DataConfig = Union[SyntheticLogisticData, FedProxSyntheticData, NpzData, PreparedData,
+                   LeafData, SklearnDigitsData, SyntheticRatingsData, MovieLensData]
 DATA_KINDS = {c.__dataclass_fields__["kind"].default: c
-              for c in (SyntheticLogisticData, FedProxSyntheticData, NpzData,
-                        SyntheticRatingsData, MovieLensData)}
+              for c in (SyntheticLogisticData, FedProxSyntheticData, NpzData, PreparedData,
+                        LeafData,
+                        SklearnDigitsData, SyntheticRatingsData, MovieLensData)}
 
 
 # ---------------------------------------------------------------------------- model
@@ -146,6 +205,33 @@ class LogisticRegressionModel:
 class MultinomialLogisticRegressionModel:
     kind: Literal["multinomial_logistic_regression"] = "multinomial_logistic_regression"
     num_classes: int = field(default=10, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+
+
+_WIDTHS = _check(lambda v: len(v) >= 1 and all(w > 0 for w in v),
+                 "a non-empty list of positive integers")
+
+
+@dataclass(frozen=True)
+class MLPModel:
+    """ReLU multilayer perceptron on flattened examples (fedjax_lite.models.mlp); the
+    default is McMahan et al.'s (AISTATS 2017) 2NN."""
+    kind: Literal["mlp"] = "mlp"
+    hidden: tuple[int, ...] = field(default=(200, 200), metadata=_WIDTHS)
+    num_classes: int = field(default=10, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+
+
+@dataclass(frozen=True)
+class CNNModel:
+    """McMahan et al.'s (AISTATS 2017) CNN (fedjax_lite.models.cnn): 2 x (5x5 conv, 2x2
+    max pool), a ReLU dense layer, softmax. Widths null: chosen from the input size
+    (28x28: channels [32, 64], dense 512; below 15 pixels a side, e.g. 8x8: [16, 32], 64)."""
+    kind: Literal["cnn"] = "cnn"
+    num_classes: int = field(default=10, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+    channels: Union[tuple[int, ...], None] = field(default=None, metadata=_check(
+        lambda v: v is None or (len(v) == 2 and all(c > 0 for c in v)),
+        "null or a list of two positive integers"))
+    dense: Union[int, None] = field(default=None, metadata=_check(
+        lambda v: v is None or v > 0, "null or a positive integer"))
 
 
 @dataclass(frozen=True)
@@ -163,10 +249,10 @@ class MatrixFactorizationModel:
 
 
 ModelConfig = Union[LogisticRegressionModel, MultinomialLogisticRegressionModel,
-                    MatrixFactorizationModel]
+                    MLPModel, CNNModel, MatrixFactorizationModel]
 MODEL_KINDS = {c.__dataclass_fields__["kind"].default: c
                for c in (LogisticRegressionModel, MultinomialLogisticRegressionModel,
-                         MatrixFactorizationModel)}
+                         MLPModel, CNNModel, MatrixFactorizationModel)}
 
 
 # ------------------------------------------------------------------------ algorithm
@@ -364,7 +450,7 @@ class EngineConfig:
     many clients with a running weighted sum (same result to float tolerance).
     compile_rounds: K rounds run as one compiled program (a ``lax.scan``; no host round
     trip between them), wherever K rounds fit before the next evaluation or checkpoint;
-    the same states and metrics as K separate rounds.
+    the same states and metrics as K separate rounds. population: see below.
     """
     chunk_size: Union[int, Literal["auto", "all"]] = "auto"
     unroll: int = field(default=4, metadata=_POS_INT)
@@ -375,6 +461,11 @@ class EngineConfig:
         default=None, metadata=_check(lambda v: v is None or v > 0,
                                       "a positive integer or null"))
     compile_rounds: int = field(default=1, metadata=_POS_INT)
+    # with several devices: the device-resident population split over them by rows
+    # ('sharded': each device holds 1/D of it; the rows a chunk needs are fetched from
+    # where they live, results identical) or a copy on each ('replicated'); auto: sharded
+    # when the population exceeds 64 MiB (classification models, shard_map backend)
+    population: Literal["auto", "replicated", "sharded"] = "auto"
 
 
 @dataclass(frozen=True)

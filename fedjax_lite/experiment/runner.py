@@ -131,6 +131,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     check_static_cohort(config, bound)
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
     engine = distributed.spread(engine_options(config.engine, train.n))
+    if where_data == "device":
+        engine = engine._replace(population_sharded=storage.shard_population(
+            config, train, engine, recommender))
     primary, several = distributed.is_primary(), distributed.processes() > 1
     progress = progress and primary
     try:
@@ -167,10 +170,13 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     if several:                # global arrays, identical in every process
         state = put(state)
     on_device = where_data == "device"
-    population = put(train.arrays()) if on_device else None
+    population = None
+    if on_device:
+        population = (storage.put_sharded(train, engine.mesh) if engine.population_sharded
+                      else put(train.arrays()))
     test_data = put(test.arrays()) if where_data != "mmap" else None
     eval_engine = engine._replace(chunk_size=None if engine.chunk_size is None
-                                  else 4 * engine.chunk_size)
+                                  else 4 * engine.chunk_size, population_sharded=False)
 
     t0 = time.perf_counter()
     if progress:
@@ -389,6 +395,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             "num_test_examples": test.num_examples} if show_loss else {}),
         "resumed_from_round": start if resume else None,
         "storage": where_data,
+        "population_sharded": bool(engine.population_sharded),
         "sampling": {"kind": sampling_kind, "static_cohort_size": bound,
                      "overflow_probability_per_round": overflow_p},
         **({} if ledger is None else {"privacy": ledger.summary(config, config.rounds)}),

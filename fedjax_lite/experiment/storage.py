@@ -145,6 +145,45 @@ def prepare(config: cfg.Config, folder: str) -> dict:
             "bytes": prep.population_bytes(train) + prep.population_bytes(test)}
 
 
+SHARD_BYTES = 64 << 20      # engine.population auto: shard populations above this
+
+
+def shard_population(config: cfg.Config, train: Population, engine, recommender: bool
+                     ) -> bool:
+    """``engine.population`` resolved (ConfigError when ``sharded`` cannot apply)."""
+    want = config.engine.population
+    devices = 1 if engine.mesh is None else engine.mesh.devices.size
+    if want == "replicated" or devices == 1:
+        return False
+    problem = ("the recommenders keep their population replicated" if recommender else
+               "the pmap backend broadcasts the population" if engine.backend == "pmap"
+               else None)
+    if want == "sharded" and problem:
+        raise cfg.ConfigError(f"config key 'engine.population': sharded is not available "
+                              f"here: {problem}; use replicated or auto")
+    if problem:
+        return False
+    return want == "sharded" or prep.population_bytes(train) > SHARD_BYTES
+
+
+def put_sharded(train: Population, mesh) -> dict:
+    """The population's arrays split by rows over ``mesh`` (empty rows appended up to a
+    multiple of the device count; the sampler never draws them)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    from fedjax_lite.core.round import CLIENT_AXIS
+    from fedjax_lite.experiment import distributed
+    D = mesh.devices.size
+    extra = -train.num_clients % D
+    arrays = {k: np.asarray(v) for k, v in train.arrays().items()}
+    if extra:
+        arrays = {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
+                  for k, v in arrays.items()}
+    sharding = NamedSharding(mesh, PartitionSpec(CLIENT_AXIS))
+    if jax.process_count() == 1:
+        return jax.device_put(arrays, sharding)
+    return distributed.replicate(arrays, sharding)
+
+
 class HostRounds:
     """``step(state, r) -> (state, metrics)`` for a population kept on the host.
 
@@ -231,4 +270,4 @@ def blocked_evaluate(evaluate_sums: Callable, finish: Callable, test: Population
 
 
 __all__ = ["HostRounds", "blocked_evaluate", "data_seed", "device_budget", "fingerprint",
-           "load", "prepare", "requested", "resolve"]
+           "load", "prepare", "put_sharded", "requested", "resolve", "shard_population"]
