@@ -156,11 +156,16 @@ def write_population(folder: str, num_clients: int, test_clients: int,
     import numpy as np
     from fedjax_lite.data import prepared as prep
     t = time.perf_counter()
+    teacher = (np.random.default_rng(7).standard_normal(tp.DIM, dtype=np.float32)
+               / np.float32(np.sqrt(tp.DIM) / 2))
     for split, K in (("train", num_clients), ("test", test_clients)):
         w = prep.PreparedWriter(folder, split, K, tp.N_EX, (tp.DIM,))
         for s in range(0, K, block):
             b = min(block, K - s)
-            x, y, n = tp.make_data(b, seed=s + (0 if split == "train" else 10 ** 9))
+            # one teacher for every block (make_data's own draw for seed 0), fresh
+            # features and shifts per block
+            x, y, n = tp.make_data(b, seed=s + 1 + (0 if split == "train" else 10 ** 9),
+                                   teacher=teacher)
             w.write(s, x, y, n, np.arange(s, s + b))
         w.close()
     prep.write_meta(folder, {"workload": "W", "num_clients": num_clients})

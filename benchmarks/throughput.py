@@ -71,12 +71,15 @@ DEFAULT_LOOP_CAP = {"per_client_jit": 10000, "per_step_jit": 1000}
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_data(C: int, seed: int = DATA_SEED):
+def make_data(C: int, seed: int = DATA_SEED, teacher: np.ndarray | None = None):
     """x float32[C,64,100] ~ N(0,1), y int32[C,64] from a shared noisy linear teacher
-    with a per-client shift (mild heterogeneity), n int32[C] = 64."""
+    with a per-client shift (mild heterogeneity), n int32[C] = 64. ``teacher``: use this
+    w instead of the seed's own draw (blocks of one population)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((C, N_EX, DIM), dtype=np.float32)
     w_true = (rng.standard_normal(DIM, dtype=np.float32) / np.float32(np.sqrt(DIM) / 2))
+    if teacher is not None:
+        w_true = teacher
     shift = rng.standard_normal((C, 1), dtype=np.float32) * np.float32(0.5)
     logits = x @ w_true + shift + rng.standard_normal((C, N_EX), dtype=np.float32) * 0.5
     y = (logits > 0).astype(np.int32)
