@@ -50,22 +50,29 @@ def _same(a, b, rows_a, rows_b, rtol=0.0):
                 assert ra[k] == rb[k], k
 
 
-@pytest.mark.parametrize("case", ["poisson_micro", "scaffold_epochs"])
+@pytest.mark.parametrize("case", ["poisson_micro", "scaffold_epochs", "error_feedback"])
 def test_device_host_and_mmap_train_the_same_model(tmp_path, case):
     """Poisson cohorts (padding slots) in micro-cohorts with dropout; SCAFFOLD (a
-    population-sized client state, gathered and scattered by population row) with
-    epoch sampling (the round number enters the sampler)."""
-    raw = (_with(BASE, algorithm={"sampling": "poisson"}, clients={"dropout": 0.2},
-                 engine={"micro_cohort": 3})
-           if case == "poisson_micro" else
-           _with(BASE, algorithm={"name": "scaffold", "sampling": "epochs"}))
+    population-sized client state: on the host with host/mmap storage, the round given
+    only the cohort's rows) with epoch sampling (the round number enters the sampler);
+    top-k error feedback (residuals, another client state) under dropout."""
+    raw = {"poisson_micro": _with(BASE, algorithm={"sampling": "poisson"},
+                                  clients={"dropout": 0.2}, engine={"micro_cohort": 3}),
+           "scaffold_epochs": _with(BASE, algorithm={"name": "scaffold",
+                                                     "sampling": "epochs"}),
+           "error_feedback": _with(BASE, clients={"dropout": 0.3},
+                                   compression={"kind": "top_k", "fraction": 0.4,
+                                                "error_feedback": True})}[case]
     runs = {s: _run(tmp_path, _with(raw, data={"storage": s}), s)
             for s in ("device", "host", "mmap")}
     p_dev, rows_dev, _ = runs["device"]
     _same(p_dev, runs["host"][0], rows_dev, runs["host"][1])
     _same(p_dev, runs["mmap"][0], rows_dev, runs["mmap"][1], rtol=1e-6)
     for s, (_, _, out) in runs.items():
-        assert json.loads((out / "summary.json").read_text())["storage"] == s
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["storage"] == s
+        assert summary["client_state"] == (None if case == "poisson_micro" else
+                                           "device" if s == "device" else "host")
     assert (runs["mmap"][2] / "prepared" / "prepared.json").is_file()
 
 

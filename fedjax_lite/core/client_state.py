@@ -16,6 +16,13 @@ that are not marked ``keep``; every other population row -- clients outside the 
 the rows a padding slot happens to point at, clients that dropped out -- keeps its old
 value. Cohorts hold distinct rows (sampling is without replacement), so writes never
 collide.
+
+With the population on the host (``data.storage`` host / mmap) the client state stays
+there too: the host hands the round only the cohort's rows, in the order of the cohort's
+gathered data (``cohort.rows``), and writes the real members' rows back afterwards. The
+algorithm's code is the same: ``gather``/``scatter`` then address rows by
+``cohort.rows`` instead of ``cohort.index``. The fields of an algorithm's state that hold
+client state are named in :data:`FIELDS`.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ import jax.numpy as jnp
 from fedjax_lite.core.round import Cohort
 
 ClientState = Any   # pytree, every leaf with leading axis K (population rows)
+
+# the names of population-sized client-state fields in the algorithms' states: SCAFFOLD's
+# control variates, error-feedback residuals, FCF's private user factors
+FIELDS = ("client_c", "residuals", "private")
 
 
 def zeros(num_clients: int, like: Any) -> ClientState:
@@ -48,8 +59,17 @@ def num_rows(state: ClientState) -> int:
     return sizes.pop()
 
 
+def _held(cohort: Cohort) -> tuple[jax.Array, int]:
+    """(the rows that address the cohort's members in the state, how many rows the
+    state holds): population rows, or -- cohort-sized state on the host path -- the
+    members' positions in the gathered cohort."""
+    if cohort.rows is None:
+        return cohort.index, cohort.num_clients
+    return cohort.rows, cohort.population["n"].shape[0]
+
+
 def _check(state: ClientState, cohort: Cohort, what: str) -> None:
-    rows, population = num_rows(state), cohort.num_clients
+    rows, population = num_rows(state), _held(cohort)[1]
     if rows != population:          # static shapes: raised at trace time
         raise ValueError(f"client_state.{what}: the state has {rows} rows but the "
                          f"population has {population} clients")
@@ -59,7 +79,8 @@ def gather(state: ClientState, cohort: Cohort) -> ClientState:
     """The cohort's rows (leading axis C, cohort order). A padding slot gets the row its
     index points at; whatever is computed from it is never written back."""
     _check(state, cohort, "gather")
-    return jax.tree.map(lambda a: jnp.take(a, cohort.index, axis=0), state)
+    at = _held(cohort)[0]
+    return jax.tree.map(lambda a: jnp.take(a, at, axis=0), state)
 
 
 def scatter(state: ClientState, cohort: Cohort, rows: ClientState,
@@ -71,6 +92,6 @@ def scatter(state: ClientState, cohort: Cohort, rows: ClientState,
     """
     _check(state, cohort, "scatter")
     write = cohort.mask if keep is None else cohort.mask & ~keep
-    target = jnp.where(write, cohort.index, num_rows(state))   # out of range: dropped
+    target = jnp.where(write, _held(cohort)[0], num_rows(state))   # out of range: dropped
     return jax.tree.map(lambda a, r: a.at[target].set(r.astype(a.dtype), mode="drop"),
                         state, rows)

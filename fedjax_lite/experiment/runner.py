@@ -26,6 +26,7 @@ import yaml
 
 from fedjax_lite.core import (Sampling, build_evaluate, build_round, build_rounds,
                               poisson_bound, round_key)
+from fedjax_lite.core import client_state
 from fedjax_lite.core.evaluate import build_evaluate_sums, finish_evaluate
 from fedjax_lite.core.round import build_cohort_round, build_sampler, poisson_bound_tail
 from fedjax_lite.data import check_cohort_size
@@ -193,7 +194,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             train, jit(build_sampler(num_clients=K, clients_per_round=C,
                                      sampling=sampling)), put, run_key, config.rounds)
         host_rounds.cohort_round = jit(build_cohort_round(algorithm, num_clients=K)).lower(
-            state, *host_rounds.first(0)).compile()
+            *host_rounds.inputs(state, host_rounds.first(0))).compile()
         step = host_rounds
     block_fn = None                   # engine.compile_rounds: K rounds per program
     if config.engine.compile_rounds > 1:
@@ -307,7 +308,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                                       f"round {r} (checkpointed)")
             new_state, metrics, dt = source.next(state, r)
             loss = float(metrics["train_loss"])
+            discard = (host_rounds.undo_last if host_rounds is not None
+                       else lambda: None)       # host client state: unwrite the round
             if float(metrics.get("sampling_overflow", 0.0)) > 0:
+                discard()
                 save(r, state, window)
                 raise SamplingError(
                     f"round {r + 1}: Poisson sampling drew more than the static cohort "
@@ -319,6 +323,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             finite = (all_finite(new_state.params) if not show_loss
                       else math.isfinite(loss))
             if not finite:
+                discard()
                 save(r, state, window)
                 raise DivergenceError(
                     f"non-finite {'model' if not show_loss else 'training loss'} in round "
@@ -396,6 +401,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         "resumed_from_round": start if resume else None,
         "storage": where_data,
         "population_sharded": bool(engine.population_sharded),
+        # where population-sized client state (control variates, residuals, ...) lived
+        "client_state": (None if not any(getattr(state, f, None) is not None
+                                         for f in client_state.FIELDS)
+                         else "device" if on_device else "host"),
         "sampling": {"kind": sampling_kind, "static_cohort_size": bound,
                      "overflow_probability_per_round": overflow_p},
         **({} if ledger is None else {"privacy": ledger.summary(config, config.rounds)}),

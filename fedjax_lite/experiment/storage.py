@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.core import round_key
+from fedjax_lite.core import client_state, round_key
 from fedjax_lite.data import Population
 from fedjax_lite.data import prepared as prep
 from fedjax_lite.experiment import config as cfg
@@ -198,10 +198,12 @@ class HostRounds:
         self.cohort_round = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedjax-lite-cohort")
         self._pending: dict = {}
+        self._full: dict = {}        # client-state fields, population-sized, on the host
+        self._handed: dict = {}      # the objects last handed out in a state
 
     def fetch(self, r: int):
         """Round r's (data, sampled, key): drawn on the device, gathered on the host
-        in ascending row order (sequential reads from a memory map), transferred."""
+        in ascending row order (sequential reads from the files), transferred."""
         key = round_key(self.root, r)
         index, mask, extra = self.sampler(jnp.int32(r), key)
         idx = np.asarray(index)
@@ -210,18 +212,66 @@ class HostRounds:
         rows[order] = np.arange(len(idx), dtype=np.int32)
         take = idx[order]
         data = {"x": self.train.x[take], "y": self.train.y[take], "n": self.train.n[take]}
-        return self.put(data), (index, mask, extra, self.put(rows)), key
+        return self.put(data), (index, mask, extra, self.put(rows)), key, take, rows
+
+    def _split(self, state, take: np.ndarray):
+        """The state with every client-state field cut to the cohort's rows (in the
+        gathered data's order); the full fields stay here, on the host."""
+        fields = {}
+        for name in client_state.FIELDS:
+            value = getattr(state, name, None)
+            if value is None:
+                continue
+            full = self._full.get(name)
+            if full is None or value is not self._handed.get(name):
+                # first round, or a state from elsewhere (init, a restored checkpoint)
+                full = jax.tree.map(lambda a: np.array(a), value)
+                self._full[name] = full
+            fields[name] = self.put(jax.tree.map(lambda a: a[take], full))
+        return state._replace(**fields) if fields else state
+
+    def _merge(self, state, take: np.ndarray, rows: np.ndarray, mask: np.ndarray):
+        """Writes the real members' new client-state rows back into the host copy and
+        returns the state with the full fields again."""
+        fields = {}
+        at = rows[mask]                     # the real members' positions: distinct rows
+        self._undo = []
+        for name, full in self._full.items():
+            new = getattr(state, name)
+            for f, n in zip(jax.tree.leaves(full), jax.tree.leaves(new)):
+                self._undo.append((f, take[at], f[take[at]]))
+                f[take[at]] = np.asarray(n)[at]
+            fields[name] = full
+            self._handed[name] = full
+        return state._replace(**fields) if fields else state
 
     def _take(self, r: int):
         pending = self._pending.pop(r, None)
         self._pending.clear()
         return pending.result() if pending is not None else self.fetch(r)
 
+    def inputs(self, state, got):
+        """(state cut to the cohort's client-state rows, data, sampled, key)."""
+        data, sampled, key, take, _ = got
+        return self._split(state, take), data, sampled, key
+
     def __call__(self, state, r: int):
-        data, sampled, key = self._take(r)
+        got = self._take(r)
         if r + 1 < self.rounds:                 # double buffering: the next cohort now
             self._pending[r + 1] = self._pool.submit(self.fetch, r + 1)
-        return self.cohort_round(state, data, sampled, key)
+        new_state, metrics = self.cohort_round(*self.inputs(state, got))
+        if self._full:                 # client state: only once the round has finished
+            take, rows, mask = got[3], got[4], np.asarray(got[1][1])
+            new_state = self._merge(new_state, take, rows, mask)
+        return new_state, metrics
+
+    def undo_last(self) -> None:
+        """Puts back the client-state rows the last round wrote (the runner discards a
+        round -- a Poisson overflow, a non-finite result -- and checkpoints the state
+        before it, whose client-state fields are these host arrays)."""
+        for f, at, old in reversed(getattr(self, "_undo", [])):
+            f[at] = old
+        self._undo = []
 
     def first(self, r: int):
         """Round r's inputs (to compile against), kept for round r."""
