@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -220,7 +219,11 @@ def mmap_child(cfg_path: str, run_dir: str) -> None:
     code = main(["run", cfg_path, "--out", run_dir, "--no-progress"])
     if code:
         raise SystemExit(code)
-    print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    # VmHWM: this process's own peak (ru_maxrss would keep the peak of the process it
+    # was forked from, across exec)
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status")
+               if line.startswith("VmHWM"))
+    print(json.dumps({"maxrss_kb": hwm}))
 
 
 if __name__ == "__main__":

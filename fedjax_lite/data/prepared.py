@@ -102,7 +102,8 @@ class PreparedWriter:
 
     ``PreparedWriter(folder, split, num_clients, width, feature_shape)``, then
     ``write(start, x, y, n, client_ids)`` for consecutive blocks of clients, then
-    ``close()``. Memory: one block."""
+    ``close()``. Memory: one block (the blocks are written with ``os.pwrite``, not
+    through a memory map, whose dirty pages would count as resident memory)."""
 
     def __init__(self, folder: str, split: str, num_clients: int, width: int,
                  feature_shape: tuple[int, ...]):
@@ -110,10 +111,18 @@ class PreparedWriter:
         os.makedirs(self.dir, exist_ok=True)
         shapes = {"x": (num_clients, width, *feature_shape), "y": (num_clients, width),
                   "n": (num_clients,), "client_ids": (num_clients,)}
-        self.arrays = {k: np.lib.format.open_memmap(os.path.join(self.dir, f"{k}.npy"),
-                                                    mode="w+", dtype=DTYPES[k],
-                                                    shape=shapes[k])
-                       for k in ARRAYS}
+        self.files = {}
+        for k in ARRAYS:
+            path = os.path.join(self.dir, f"{k}.npy")
+            with open(path, "wb") as f:
+                np.lib.format.write_array_header_2_0(f, {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(DTYPES[k])),
+                    "fortran_order": False, "shape": shapes[k]})
+                offset = f.tell()
+                row = int(np.prod(shapes[k][1:], dtype=np.int64)) * np.dtype(
+                    DTYPES[k]).itemsize
+                f.truncate(offset + row * num_clients)
+            self.files[k] = (os.open(path, os.O_WRONLY), offset, row, shapes[k][1:])
         self.num_clients, self.filled = num_clients, 0
 
     def write(self, start: int, x, y, n, client_ids) -> None:
@@ -122,25 +131,32 @@ class PreparedWriter:
             raise ValueError(f"{self.dir}: block [{start}, {stop}) is not the next block "
                              f"(filled up to {self.filled} of {self.num_clients})")
         for k, v in zip(ARRAYS, (x, y, n, client_ids)):
-            self.arrays[k][start:stop] = v
+            fd, offset, row, trailing = self.files[k]
+            block = np.ascontiguousarray(v, dtype=DTYPES[k])
+            if block.shape != (stop - start, *trailing):
+                raise ValueError(f"{self.dir}: {k} block of shape {block.shape}, expected "
+                                 f"{(stop - start, *trailing)}")
+            view, pos = memoryview(block.reshape(-1).view(np.uint8)), 0
+            while pos < len(view):
+                pos += os.pwrite(fd, view[pos:], offset + start * row + pos)
         self.filled = stop
 
     def close(self) -> None:
         if self.filled != self.num_clients:
             raise ValueError(f"{self.dir}: only {self.filled} of {self.num_clients} "
                              "clients written")
-        for a in self.arrays.values():
-            a.flush()
-        self.arrays = {}
+        for fd, *_ in self.files.values():
+            os.fsync(fd)
+            os.close(fd)
+        self.files = {}
 
 
 def write_meta(folder: str, fingerprint: dict) -> None:
     """Finishes a prepared folder: ``prepared.json`` is written last (atomically), so a
     folder without it is an unfinished one and is never read."""
     meta = {"format": FORMAT, "fingerprint": fingerprint,
-            "splits": {s: {k: list(np.load(os.path.join(folder, s, f"{k}.npy"),
-                                            mmap_mode="r").shape) for k in ARRAYS}
-                       for s in ("train", "test")}}
+            "splits": {s: {k: list(MappedArray(os.path.join(folder, s, f"{k}.npy")).shape)
+                           for k in ARRAYS} for s in ("train", "test")}}
     tmp = os.path.join(folder, "prepared.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1, default=str)
