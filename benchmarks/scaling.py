@@ -143,7 +143,7 @@ def cohort_size_part(args) -> list[dict]:
     return out
 
 
-PARTS = ("compile_rounds", "cohort_size", "storage", "devices", "mmap")
+PARTS = ("compile_rounds", "cohort_size", "storage", "devices", "mmap", "layout")
 
 
 def main(argv=None) -> None:
@@ -165,6 +165,7 @@ def main(argv=None) -> None:
     ap.add_argument("--mmap-cohort", type=int, default=1000)
     ap.add_argument("--mmap-rounds", type=int, default=5)
     ap.add_argument("--mmap-folder", default="/tmp/fedjax_lite_scaling_mmap")
+    ap.add_argument("--layout-cohorts", default="100000")
     ap.add_argument("--out", default=str(REPO / "results"))
     args = ap.parse_args(argv)
     ints = lambda v: [int(x) for x in v.split(",") if x]
@@ -194,7 +195,8 @@ def main(argv=None) -> None:
                                            ints(args.device_cohorts), args.rounds,
                                            args.device_repeats),
         "mmap": lambda: sp.mmap_part(ints(args.mmap_sizes), args.mmap_cohort,
-                                     args.mmap_rounds, args.mmap_folder)}
+                                     args.mmap_rounds, args.mmap_folder),
+        "layout": lambda: sp.layout_part(ints(args.layout_cohorts), args.rounds)}
     for part in parts:
         t0 = time.time()
         res[part] = measure[part]()

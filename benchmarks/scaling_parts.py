@@ -148,6 +148,65 @@ def devices_part(counts, cohorts, rounds: int, repeats: int) -> list[dict]:
              "repeats": v} for (C, d, b), v in sorted(runs.items())]
 
 
+def layout_child(layout: str, cohort: int, rounds: int) -> dict:
+    """One process: rounds of ``cohort`` clients (population = cohort) with the
+    population replicated on every device or sharded over them; its own peak RSS."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+    from fedjax_lite.core import build_round, client_mesh, round_key
+    from fedjax_lite.data import Population
+    from fedjax_lite.experiment.storage import put_sharded
+    mesh = client_mesh(jax.local_devices())
+    x, y, n = tp.make_data(cohort)
+    if layout == "sharded":
+        pop = put_sharded(Population(x, y, n, tp.np.arange(cohort)), mesh)
+    else:
+        pop = jax.device_put({"x": x, "y": y, "n": n}, NamedSharding(mesh, PartitionSpec()))
+    del x, y, n
+    alg, state = _algorithm_sharded(mesh) if layout == "sharded" else _algorithm(mesh)
+    f = jax.jit(build_round(alg, num_clients=cohort, clients_per_round=cohort))
+    root = jax.random.key(1)
+    times = []
+    for r in range(rounds + 2):     # two untimed: compiling, and the state's placement
+        t = time.perf_counter()
+        state = jax.block_until_ready(f(state, pop, round_key(root, r)))[0]
+        times.append(time.perf_counter() - t)
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status")
+               if line.startswith("VmHWM"))
+    return {"layout": layout, "cohort": cohort, "devices": len(jax.local_devices()),
+            "round_s": statistics.median(times[2:]), "peak_rss_bytes": hwm * 1024,
+            "population_bytes": cohort * (tp.N_EX * tp.DIM * 4 + tp.N_EX * 4 + 4)}
+
+
+def _algorithm_sharded(mesh):
+    import jax
+    import optax
+    from fedjax_lite.algorithms import fedavg
+    from fedjax_lite.core import EngineOptions
+    from fedjax_lite.models import logistic_regression
+    model = logistic_regression(tp.DIM)
+    alg = fedavg(model, client_optimizer=optax.sgd(tp.CLIENT_LR),
+                 server_optimizer=optax.sgd(tp.SERVER_LR), local_epochs=tp.EPOCHS,
+                 batch_size=tp.BATCH,
+                 engine=EngineOptions(chunk_size=64, mesh=mesh, population_sharded=True))
+    return alg, alg.init(model.init(jax.random.key(0)))
+
+
+def layout_part(cohorts, rounds: int) -> list[dict]:
+    out = []
+    for C in cohorts:
+        for layout in ("replicated", "sharded"):
+            res = subprocess.run([sys.executable, __file__, "layout-child", layout, str(C),
+                                  str(rounds)], capture_output=True, text=True, cwd=REPO,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+            if res.returncode:
+                raise RuntimeError(res.stderr[-2000:])
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            print(row, flush=True)
+            out.append(row)
+    return out
+
+
 def write_population(folder: str, num_clients: int, test_clients: int,
                      block: int = 20000) -> float:
     """A workload-W population of ``num_clients`` clients (plus ``test_clients`` test
@@ -229,6 +288,11 @@ def mmap_child(cfg_path: str, run_dir: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "mmap-child":
         mmap_child(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "layout-child":
+        sys.path.insert(0, str(REPO))
+        from fedjax_lite.experiment.host import configure_host
+        configure_host()
+        print(json.dumps(layout_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
     elif sys.argv[1] == "devices-child":
         sys.path.insert(0, str(REPO))
         d, backend, C, rounds = int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), \

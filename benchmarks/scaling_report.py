@@ -76,6 +76,18 @@ def write(res: dict, out: Path) -> None:
                          f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['cohort']:,} | "
                          f"{r['round_s']:.3f} | {r['clients_per_s']:,.0f} |")
         lines.append("")
+    if "layout" in res:
+        lines += ["## The population replicated on every device vs sharded over them", "",
+                  f"Measured on {_run_line(runs['layout'])}. One process per layout, "
+                  "all of the process's devices (one per core), one round of C clients "
+                  "(population = cohort); peak RSS is the process's own.", "",
+                  "| cohort | population GB | layout | peak RSS GB | round s |",
+                  "|---|---|---|---|---|"]
+        for r in res["layout"]:
+            lines.append(f"| {r['cohort']:,} | {r['population_bytes'] / 1e9:.2f} | "
+                         f"{r['layout']} | {r['peak_rss_bytes'] / 1e9:.2f} | "
+                         f"{r['round_s']:.2f} |")
+        lines.append("")
     sweep = out / "sweep.json"
     if sweep.exists():
         lines += ["## Sweeps", "", "See `results/sweep.md` (`benchmarks/sweep.py`).", ""]
