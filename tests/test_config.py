@@ -45,14 +45,16 @@ model: {kind: multinomial_logistic_regression, num_classes: 10}
     ({"algorithm": {"weighting": "clients"}}, r"'algorithm.weighting'.*'examples', 'uniform'"),
     ({"algorithm": {"name": "fedfoo"}}, r"'algorithm.name'.*'fedavg'"),
     ({"data": {"kind": "mnist"}}, r"'data.kind': unknown data kind 'mnist'; allowed: "
-                                  r"fedprox_synthetic, movielens, npz, synthetic_logistic, "
-                                  r"synthetic_ratings"),
+                                  r"fedprox_synthetic, leaf, movielens, npz, (\w+, )*"
+                                  r"sklearn_digits, synthetic_logistic, synthetic_ratings$"),
     ({"data": {"num_clients": 3}}, r"'data.kind' is required"),
     ({"data": {"kind": "synthetic_logistic", "alpha": 1}}, r"unknown config key 'data.alpha'"),
     ({"data": {"kind": "npz"}}, r"'data.path' is required"),
     ({"data": {"kind": "synthetic_logistic", "test_fraction": 1.5}},
      r"'data.test_fraction': got 1.5, expected a number in \[0, 1\)"),
-    ({"model": {"kind": "mlp"}}, r"'model.kind': unknown model kind 'mlp'"),
+    ({"model": {"kind": "resnet"}}, r"'model.kind': unknown model kind 'resnet'; allowed: "
+                                    r"cnn, logistic_regression, matrix_factorization, mlp, "
+                                    r"multinomial_logistic_regression"),
     ({"algorithm": {"client_optimizer": {"name": "adamz", "learning_rate": 1}}},
      r"'algorithm.client_optimizer.name': unknown optimizer 'adamz'; allowed: .*adam"),
     ({"algorithm": {"client_optimizer": {"name": "sgd", "lr": 0.1}}},

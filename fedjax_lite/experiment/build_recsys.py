@@ -33,15 +33,18 @@ def build_ratings_data(config: Config) -> RecsysData:
     """The ratings of ``synthetic_ratings`` / ``movielens`` data, split per user, plus
     what the objective and the ranking metrics need."""
     d = config.data
+    # the data's seed (split, negatives): data.seed where the data kind has one, else the
+    # run's seed
+    seed = config.seed if getattr(d, "seed", None) is None else d.seed
     if d.kind == "movielens":
         from fedjax_lite.data.movielens import load_movielens
         split = load_movielens(d.path, split=d.split, test_fraction=d.test_fraction,
-                               seed=config.seed)
+                               seed=seed)
     else:
         from fedjax_lite.data.ratings_synthetic import synthetic_ratings
         split = synthetic_ratings(num_users=d.num_users, num_items=d.num_items,
                                   num_ratings=d.num_ratings, split=d.split,
-                                  test_fraction=d.test_fraction, seed=config.seed)
+                                  test_fraction=d.test_fraction, seed=seed)
     if config.algorithm.clients_per_round > split.train.num_users:
         raise ValueError(f"clients_per_round={config.algorithm.clients_per_round} is larger "
                          f"than the population ({split.train.num_users} users)")
@@ -50,10 +53,10 @@ def build_ratings_data(config: Config) -> RecsysData:
         from fedjax_lite.data import ratings_negatives as rn
         if config.eval.ranking:
             negatives = rn.sample_negatives(split.train, split.test, config.eval.negatives,
-                                            seed=config.seed)
+                                            seed=seed)
         if config.model.objective == "bce":
             train = rn.implicit_training(split.train, config.model.train_negatives,
-                                         seed=config.seed + 1, exclude=split.test)
+                                         seed=seed + 1, exclude=split.test)
     return RecsysData(train, split.test, split.train, negatives, split)
 
 

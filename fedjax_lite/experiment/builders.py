@@ -22,11 +22,14 @@ from fedjax_lite.models import Model, logistic_regression, multinomial_logistic_
 def build_data(config: Config) -> tuple[fdata.Population, fdata.Population]:
     """(train, test) populations; validated (raises ValueError naming the problem)."""
     d = config.data
-    split_rng = np.random.default_rng([config.seed, 1])
+    # the data's seed (generation and train/test split): data.seed, else the run's seed,
+    # so runs with different seeds can share one population (a sweep's one program)
+    seed = config.seed if getattr(d, "seed", None) is None else d.seed
+    split_rng = np.random.default_rng([seed, 1])
 
     def split(pop):
         if test_split(config) == "clients":
-            return fdata.split_clients(pop, d.test_fraction, config.seed)
+            return fdata.split_clients(pop, d.test_fraction, seed)
         return fdata.split_examples(pop, d.test_fraction, split_rng)
 
     if isinstance(d, SyntheticLogisticData):
@@ -34,12 +37,12 @@ def build_data(config: Config) -> tuple[fdata.Population, fdata.Population]:
             num_clients=d.num_clients, num_features=d.num_features,
             mean_examples=d.mean_examples, size_sigma=d.size_sigma,
             min_examples=d.min_examples, feature_shift=d.feature_shift,
-            label_noise=d.label_noise, seed=config.seed)
+            label_noise=d.label_noise, seed=seed)
         train, test = split(pop)
     elif isinstance(d, FedProxSyntheticData):
         pop = fdata.fedprox_synthetic(alpha=d.alpha, beta=d.beta, iid=d.iid,
                                       num_clients=d.num_clients, num_features=d.num_features,
-                                      num_classes=d.num_classes, seed=config.seed)
+                                      num_classes=d.num_classes, seed=seed)
         train, test = split(pop)
     elif isinstance(d, NpzData):
         k = config.num_classes
@@ -52,10 +55,41 @@ def build_data(config: Config) -> tuple[fdata.Population, fdata.Population]:
                                  f"from {d.path}'s {train.feature_shape}")
         else:
             train, test = split(fdata.load_npz(d.path, num_classes=k))
+    elif isinstance(d, (cfg.LeafData, cfg.SklearnDigitsData)):
+        train, test = _example_data(config, seed)
     else:  # pragma: no cover -- config validation rules this out
         raise TypeError(type(d))
     fdata.check_cohort_size(train, config.algorithm.clients_per_round)
     return train, test
+
+
+def _example_data(config: Config, seed: int) -> tuple[fdata.Population, fdata.Population]:
+    """data.kind leaf or sklearn_digits, with the data seed ``seed`` (data.seed, else the
+    run's seed); ConfigError when the data contradicts a key."""
+    d = config.data
+    if isinstance(d, cfg.SklearnDigitsData):
+        p = d.partition
+        try:
+            return fdata.federated_digits(
+                num_clients=d.num_clients, partition_kind=p.kind,
+                test_fraction=d.test_fraction, seed=seed, alpha=p.alpha,
+                shards_per_client=p.shards_per_client, sigma=p.sigma)
+        except ValueError as e:            # more clients (or shards) than examples
+            keys = "'data.num_clients'" + (", 'data.partition.shards_per_client'"
+                                           if p.kind == "shards" else "")
+            raise cfg.ConfigError(f"config key {keys}: {e}") from None
+    ds = fdata.load_leaf(d.path, d.test_path, vocab_size=d.vocab_size)
+    if ds.num_classes > config.num_classes:
+        key = "model.kind" if config.model.kind == "logistic_regression" else "model.num_classes"
+        raise cfg.ConfigError(
+            f"config key '{key}': the model has {config.num_classes} classes but the "
+            f"{ds.kind} data at {d.path} needs {ds.num_classes} (labels 0..{ds.num_classes - 1})"
+            + ("; use multinomial_logistic_regression" if key == "model.kind" else ""))
+    if ds.test is not None:
+        return ds.train, ds.test
+    if test_split(config) == "clients":
+        return fdata.split_clients(ds.train, d.test_fraction, seed)
+    return fdata.split_examples(ds.train, d.test_fraction, np.random.default_rng([seed, 1]))
 
 
 def test_split(config: Config) -> str:
@@ -69,9 +103,19 @@ def test_split(config: Config) -> str:
 
 def build_model(config: Config, feature_shape: tuple[int, ...]) -> Model:
     num_features = int(np.prod(feature_shape))
-    if config.model.kind == "logistic_regression":
+    m = config.model
+    if m.kind == "logistic_regression":
         return logistic_regression(num_features)
-    return multinomial_logistic_regression(num_features, config.model.num_classes)
+    if m.kind == "mlp":              # flax models: imported here (flax loads in ~0.2 s)
+        from fedjax_lite.models.mlp import mlp
+        return mlp(feature_shape, m.hidden, m.num_classes)
+    if m.kind == "cnn":
+        from fedjax_lite.models.cnn import cnn
+        try:
+            return cnn(feature_shape, m.num_classes, channels=m.channels, dense=m.dense)
+        except ValueError as e:      # the data's examples are not images
+            raise cfg.ConfigError(f"config key 'model.kind': {e}") from None
+    return multinomial_logistic_regression(num_features, m.num_classes)
 
 
 def build_optimizer(opt: OptimizerConfig) -> optax.GradientTransformation:

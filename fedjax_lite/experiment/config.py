@@ -28,6 +28,8 @@ from fedjax_lite.experiment.config_schema import (AGGREGATOR_KEYS, ALGORITHM_ONL
                                                   NpzData, OptimizerConfig,
                                                   RATINGS_DATA, RECOMMENDATION_ALGORITHMS,
                                                   RECOMMENDATION_BASELINES)
+from fedjax_lite.experiment.config_schema import (PARTITION_KEYS, LeafData, PartitionConfig,
+                                                  SklearnDigitsData)
 
 
 # ------------------------------------------------------------------------ parsing
@@ -41,6 +43,9 @@ def _describe(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:                       # tuple[T, ...]: a YAML list
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers"}.get(item, _describe(item))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             type(None): "null", dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -58,6 +63,13 @@ def _coerce(value: Any, tp, key: str):
                 return _coerce(value, option, key)
             except ConfigError:
                 continue
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
+    if origin is tuple:                       # tuple[T, ...] <- a YAML list of T
+        if isinstance(value, (list, tuple)):
+            try:
+                return tuple(_coerce(v, typing.get_args(tp)[0], key) for v in value)
+            except ConfigError:
+                pass
         raise ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
     if tp is type(None):
         if value is None:
@@ -114,7 +126,8 @@ def _dataclass(cls, raw: Any, prefix: str):
             value = _coerce(value, tp, key)
         check = fields[name].metadata.get("check")
         if check and not check[0](value):
-            raise ConfigError(f"config key '{key}': got {value!r}, expected {check[1]}")
+            shown = list(value) if isinstance(value, tuple) else value   # as YAML wrote it
+            raise ConfigError(f"config key '{key}': got {shown!r}, expected {check[1]}")
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -305,7 +318,7 @@ def parse(raw: dict) -> Config:
         raise ConfigError("config key 'model.kind': logistic_regression is binary but "
                           f"data.num_classes={config.data.num_classes}; use "
                           "multinomial_logistic_regression")
-    if (config.model.kind == "multinomial_logistic_regression"
+    if (hasattr(config.model, "num_classes")      # the softmax models
             and hasattr(config.data, "num_classes")
             and config.data.num_classes != config.model.num_classes):
         raise ConfigError(f"config key 'model.num_classes': {config.model.num_classes} differs "
@@ -313,6 +326,7 @@ def parse(raw: dict) -> Config:
     _check_recommendation(config)
     if isinstance(config.data, NpzData) and not config.data.path:
         raise ConfigError("config key 'data.path' is required for data kind 'npz'")
+    _check_example_data(config, raw)
     if isinstance(config.engine.devices, int) and config.engine.devices <= 0:
         raise ConfigError(f"config key 'engine.devices': got {config.engine.devices}, "
                           "expected a positive integer or 'auto'")
@@ -322,6 +336,26 @@ def parse(raw: dict) -> Config:
     from fedjax_lite.experiment.config_checks import check_engine
     check_engine(config)
     return config
+
+
+def _check_example_data(config: Config, raw: dict) -> None:
+    """The leaf and sklearn_digits data kinds: required keys, partition keys that apply
+    to the chosen partition only, and a model whose classes cover the digits."""
+    d = config.data
+    if isinstance(d, LeafData) and not d.path:
+        raise ConfigError("config key 'data.path' is required for data kind 'leaf' (a LEAF "
+                          "JSON file or a directory of them)")
+    if not isinstance(d, SklearnDigitsData):
+        return
+    _only_for((raw.get("data") or {}).get("partition") or {}, "data.partition",
+              d.partition.kind, PARTITION_KEYS, field="kind")
+    if config.model.kind == "logistic_regression":
+        raise ConfigError("config key 'model.kind': logistic_regression is binary but "
+                          "sklearn_digits has 10 classes; use multinomial_logistic_regression "
+                          "with num_classes: 10")
+    if config.num_classes < 10:
+        raise ConfigError(f"config key 'model.num_classes': got {config.num_classes}, but "
+                          "sklearn_digits has 10 classes (labels 0-9); use 10")
 
 
 def _check_recommendation(config: Config) -> None:
@@ -457,7 +491,8 @@ def to_dict(config: Config) -> dict:
     an equal Config."""
     rules = {AlgorithmConfig: ((ALGORITHM_ONLY_KEYS, "name"), (SAMPLING_ONLY_KEYS, "sampling")),
              AggregatorConfig: ((AGGREGATOR_KEYS, "name"),),
-             CompressionConfig: ((COMPRESSION_KEYS, "kind"),)}
+             CompressionConfig: ((COMPRESSION_KEYS, "kind"),),
+             PartitionConfig: ((PARTITION_KEYS, "kind"),)}
 
     def applies(obj, name: str) -> bool:
         return all(name not in only or getattr(obj, by) in only[name]
@@ -466,6 +501,8 @@ def to_dict(config: Config) -> dict:
     def convert(obj):
         if isinstance(obj, OptimizerConfig):
             return {"name": obj.name, **obj.kwargs}
+        if isinstance(obj, tuple):            # tuple-typed keys (model.hidden): YAML lists
+            return [convert(o) for o in obj]
         if dataclasses.is_dataclass(obj):
             return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)
                     if applies(obj, f.name)
