@@ -6,6 +6,8 @@
     fedjax-lite compare CONFIG --algorithms a,b [--aggregators x,y] [--seeds 3]
                         [--target-accuracy 0.8] [--set ...] --out DIR
     fedjax-lite prepare CONFIG --out DIR [--set ...]
+    fedjax-lite sweep CONFIG --grid key.path=v1,v2 [--grid ...] [--seeds 0,1,2]
+                      [--set ...] --out DIR [--resume]
     fedjax-lite privacy --rounds R --sampling-rate q --noise-multiplier z --delta d
                         [--sampling poisson|fixed --population K] [--accountant rdp|pld]
                         [--target-epsilon e] [--neighboring ...] [--json]
@@ -80,6 +82,36 @@ def _parser() -> argparse.ArgumentParser:
                     help="the folder to write; runs read it with data.prepared: DIR")
     pr.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    w = sub.add_parser("sweep", help="run a grid of configurations x seeds; members that "
+                                     "differ only in numeric hyper-parameters and seeds "
+                                     "run as ONE vmapped program",
+                       description="Runs every member of the grid x seeds and writes "
+                                   "comparison.md / comparison.json / curves.png (mean +- "
+                                   "std over seeds, the best configuration). A member that "
+                                   "diverges stops alone (listed in comparison.md) and the "
+                                   "sweep still exits 0; a bad grid value exits 2 naming "
+                                   "the member and key before anything runs.")
+    w.add_argument("config", help="path to a YAML config (the shared settings)")
+    w.add_argument("--grid", action="append", default=[], metavar="KEY.PATH=V1,V2,...",
+                   help="a swept key and its comma-separated values, each parsed as YAML "
+                        "(repeatable; the members are the cartesian product). Learning "
+                        "rates, momentum, algorithm.mu, aggregator.clip_norm / "
+                        "noise_multiplier / max_norm are vmapped; other keys split the "
+                        "members into groups")
+    w.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="comma-separated seeds, e.g. 0,1,2 (default: the config's seed); "
+                        "seeds share one program when the data's seed is fixed "
+                        "(--set data.seed=0)")
+    w.add_argument("--out", required=True, help="output folder: members/NAME/ per member, "
+                                                "comparison.md/.json, curves.png")
+    w.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY.PATH=VALUE", help="override a config value for every "
+                                                  "member (repeatable)")
+    w.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    w.add_argument("--no-compile-cache", action="store_true", help=CACHE_HELP)
+    w.add_argument("--resume", action="store_true",
+                   help="continue a sweep in --out: finished members are kept, groups and "
+                        "members continue from their checkpoints")
     v = sub.add_parser("privacy", help="epsilon of DP-FedAvg (or the noise multiplier for "
                                        "a target epsilon), accounted with dp-accounting")
     v.add_argument("--rounds", type=int, required=True, help="rounds (compositions)")
@@ -123,7 +155,7 @@ def _document(p: argparse.ArgumentParser, sub) -> None:
              ("exit codes", (EXIT_CODES,))]
     epilog = "\n".join(textwrap.fill(f"{title}: {', '.join(names)}", 88,
                                      subsequent_indent="  ") for title, names in lists)
-    for name in ("run", "compare"):
+    for name in ("run", "compare", "sweep"):
         sub.choices[name].epilog = epilog
         sub.choices[name].formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -225,8 +257,8 @@ def _main(args, errors: list[str]) -> int:
     several = distributed.wanted(getattr(args, "coordinator", None),
                                  getattr(args, "num_processes", None),
                                  getattr(args, "process_id", None))
-    if several and args.command == "compare":
-        return fail(2, "compare runs within one process; launch it once, not under "
+    if several and args.command in ("compare", "sweep"):
+        return fail(2, f"{args.command} runs within one process; launch it once, not under "
                        "srun / mpirun with several tasks")
     if several:
         try:
@@ -298,7 +330,10 @@ def _validate(args, raw: dict):
     from fedjax_lite.experiment import config as cfg
     from fedjax_lite.experiment import config_checks
     config = None
-    if args.command == "compare":
+    if args.command == "sweep":       # every member validated; the folder's resume rule
+        from fedjax_lite.experiment import sweep
+        sweep.check_out(args.out, sweep.plan(raw, args.grid, args.seeds), args.resume)
+    elif args.command == "compare":
         target = args.target_accuracy
         if target is not None and not 0 < target <= 1:
             raise cfg.ConfigError(f"--target-accuracy must be in (0, 1], got {target:g}")
@@ -330,6 +365,13 @@ def _dispatch(args, raw: dict, config, interrupts):
             print(json.dumps(prepare(config, args.out)))
         except (ValueError, FileNotFoundError) as e:
             raise DataError(str(e)) from e
+        return None
+    if args.command == "sweep":
+        from fedjax_lite.experiment.sweep import sweep
+        from fedjax_lite.experiment.sweep_report import report_markdown
+        doc = sweep(raw, args.out, grids=args.grid, seeds=args.seeds,
+                    progress=not args.no_progress, interrupts=interrupts, resume=args.resume)
+        print(report_markdown(doc), end="")
         return None
     if args.command == "compare":
         from fedjax_lite.experiment.compare import compare, markdown_table
