@@ -45,6 +45,18 @@ class LocalStats(NamedTuple):
     steps: jax.Array      # optimizer steps taken
 
 
+# the vmap axis name of a sweep's members (fedjax_lite.experiment.sweep_group)
+MEMBERS_AXIS = "members"
+
+
+def across_members(x: jax.Array) -> jax.Array:
+    """The max of ``x`` over a sweep's members when traced under their vmap, else x."""
+    try:
+        return lax.pmax(x, MEMBERS_AXIS)
+    except NameError:                       # not inside a members vmap
+        return x
+
+
 def tree_where(cond: jax.Array, a, b):
     return jax.tree.map(lambda u, v: jnp.where(cond, u, v), a, b)
 
@@ -97,8 +109,11 @@ def local_train_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, params:
     step_on = real[:, :, 0]                           # step s runs iff s*B < n: [S, K]
     epochs_to_run = jnp.full_like(n, E) if num_epochs is None else num_epochs
     # Chunk-wide bounds: slots and epochs no client of the chunk uses are not run.
-    chunk_steps = -(-jnp.max(n) // B)
-    chunk_epochs = jnp.max(jnp.where(n > 0, epochs_to_run, 0))
+    # Under a sweep's vmap over members, a bound that differs between members would turn
+    # the lax.conds below into selects that run every slot; the max over the members
+    # keeps them conds (the extra slots are masked no-ops for the members not using them).
+    chunk_steps = across_members(-(-jnp.max(n) // B))
+    chunk_epochs = across_members(jnp.max(jnp.where(n > 0, epochs_to_run, 0)))
     rows = jnp.arange(K).reshape(K, 1)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -34,6 +34,7 @@ from fedjax_lite.core.round import poisson_bound_tail
 from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment import distributed
 from fedjax_lite.experiment.builders import build_algorithm, build_model, engine_options
+from fedjax_lite.core.local import MEMBERS_AXIS
 from fedjax_lite.experiment.swept import Swept, not_vmappable
 
 NOISE_KEY = "aggregator.noise_multiplier"
@@ -222,7 +223,8 @@ def _compile(members, train, test, values: dict, setup0, bound: int) -> dict:
     vals = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
     states = jit(jax.vmap(init_one))(vals, init_keys)
     population, test_data = put(train.arrays()), put(test.arrays())
-    rounds = jit(jax.vmap(round_one, in_axes=(0, 0, None, 0, None))).lower(
+    rounds = jit(jax.vmap(round_one, in_axes=(0, 0, None, 0, None),
+                          axis_name=MEMBERS_AXIS)).lower(
         vals, states, population, run_keys, np.int32(0)).compile()
     eval_engine = engine._replace(chunk_size=None if engine.chunk_size is None
                                   else 4 * engine.chunk_size)
