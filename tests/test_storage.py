@@ -193,3 +193,20 @@ def test_a_sharded_population_trains_the_replicated_model(tmp_path):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["sharded"] == got["replicated"]
     assert got["sharded_blocks"] == got["replicated"]
+
+
+def test_fcf_with_host_storage_keeps_the_private_factors_on_the_host(tmp_path):
+    """FCF: the ratings and every user's private factors stay on the host, each round
+    gets its cohort's rows; parameters, per-user errors and metrics equal device
+    storage bitwise. The other recommenders refuse host storage (exit 2, the key)."""
+    from test_recsys_run import REC
+    raw = {**REC, "rounds": 4, "eval_every": 2, "checkpoint_every": 2}
+    runs = {s: _run(tmp_path, _with(raw, data={"storage": s}), s) for s in ("device", "host")}
+    _same(runs["device"][0], runs["host"][0], runs["device"][1], runs["host"][1])
+    a, b = (dict(np.load(runs[s][2] / "per_user.npz")) for s in ("device", "host"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert json.loads((runs["host"][2] / "summary.json").read_text())["client_state"] == "host"
+    bad = write_config(tmp_path, _with(raw, data={"storage": "host"},
+                                       algorithm={"name": "fedrecon"}), "bad.yaml")
+    assert main(["run", bad, "--out", str(tmp_path / "bad"), "--no-progress"]) == 2

@@ -257,7 +257,7 @@ def check_labels(pop: Population, num_classes: int, source: str,
 def population_bytes(pop: Population) -> int:
     """Bytes of a population's arrays (what the device would hold)."""
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
-               for a in (pop.x, pop.y, pop.n))
+               for a in pop.arrays().values())
 
 
 __all__ = ["MappedArray", "PreparedWriter", "check_labels", "fingerprint_mismatch", "open_prepared",

@@ -173,6 +173,8 @@ class SyntheticRatingsData:
     num_ratings: int = field(default=100_000, metadata=_POS_INT)
     split: Literal[RATING_SPLITS] = "random"
     test_fraction: float = field(default=0.2, metadata=_FRACTION)
+    # fcf only: host keeps the ratings and the private user factors on the host
+    storage: Literal["auto", "device", "host"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,7 @@ class MovieLensData:
     path: str = ""
     split: Literal[MOVIELENS_SPLITS] = "u1"
     test_fraction: float = field(default=0.2, metadata=_FRACTION)
+    storage: Literal["auto", "device", "host"] = "auto"       # host: fcf only
 
 
 RATINGS_DATA = ("synthetic_ratings", "movielens")

@@ -96,6 +96,11 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from e
     where_data = storage.resolve(config, train)   # device | host | mmap
+    if recommender and where_data != "device" and config.algorithm.name != "fcf":
+        raise cfg.ConfigError(
+            f"config key 'data.storage': {where_data} storage is available to fcf among "
+            f"the recommenders (its private factors follow the ratings to the host); "
+            f"{config.algorithm.name} evaluates from the whole population: use device")
     if where_data != "device" and config.engine.compile_rounds > 1:
         raise cfg.ConfigError(
             f"config key 'engine.compile_rounds': {config.engine.compile_rounds} rounds "
@@ -205,11 +210,14 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         rec_eval = build_recsys.build_evaluation(config, model, init_key, engine)
         rec_inputs = put(({"x": rec_data.rated.item, "n": rec_data.rated.n},
                           rec_data.negatives))
-        compiled = jit(rec_eval).lower(state, population, test_data,
+        # fcf's evaluation reads the stored factors, not the ratings: with host storage
+        # it gets the users' counts only
+        eval_train = population if on_device else put({"n": train.n})
+        compiled = jit(rec_eval).lower(state, eval_train, test_data,
                                        *rec_inputs).compile()
 
         def evaluate(st, data):
-            metrics, per_user["last"] = compiled(st, population, data, *rec_inputs)
+            metrics, per_user["last"] = compiled(st, eval_train, data, *rec_inputs)
             return metrics
     elif where_data == "mmap":       # the test clients stream through in blocks
         blocked = storage.blocked_evaluate(build_evaluate_sums(model, eval_engine),

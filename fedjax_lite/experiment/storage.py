@@ -86,7 +86,8 @@ def resolve(config: cfg.Config, train: Population | None) -> str:
         return kind
     if getattr(config.data, "prepared", None) or config.data.kind == "prepared":
         return "mmap"
-    if config.engine.compile_rounds > 1 or train is None:
+    if (config.engine.compile_rounds > 1 or train is None or config.algorithm.name in
+            ("fedrecon", "centralized", "local_only")):    # these need device storage
         return "device"
     return "device" if prep.population_bytes(train) <= device_budget() else "host"
 
@@ -194,6 +195,7 @@ class HostRounds:
     def __init__(self, train: Population, sampler: Callable, put: Callable,
                  root: jax.Array, rounds: int):
         self.train, self.sampler, self.put = train, sampler, put
+        self.arrays = train.arrays()        # {x, y, n}: in RAM, or read from files
         self.root, self.rounds = root, rounds
         self.cohort_round = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedjax-lite-cohort")
@@ -211,7 +213,7 @@ class HostRounds:
         rows = np.empty(len(idx), np.int32)
         rows[order] = np.arange(len(idx), dtype=np.int32)
         take = idx[order]
-        data = {"x": self.train.x[take], "y": self.train.y[take], "n": self.train.n[take]}
+        data = {k: a[take] for k, a in self.arrays.items()}
         return self.put(data), (index, mask, extra, self.put(rows)), key, take, rows
 
     def _split(self, state, take: np.ndarray):
