@@ -28,6 +28,7 @@ from fedjax_lite.algorithms.fedavg import (ServerState, check_weighting, client_
                                            cohort_delta, cohort_train_loss, next_state,
                                            server_state_init, server_update)
 from fedjax_lite.core.aggregators import Aggregator, mean
+from fedjax_lite.core.example_blocks import abstract, block_size, sum_over_blocks
 from fedjax_lite.core.faults import Faults
 from fedjax_lite.core.micro import check_micro_cohort
 from fedjax_lite.core.local import LocalStats
@@ -46,18 +47,34 @@ def fedsgd(model: Model, *, server_optimizer: optax.GradientTransformation,
 
     init = server_state_init(server_optimizer, aggregator, faults)
 
-    def client_gradient(server_params, x, y, n):
-        """ONE client: (1) over its n real examples (mask = arange(N) < n)."""
+    def client_gradient(server_params, x, y, n, block):
+        """ONE client: (1) over its n real examples (mask = arange(N) < n); with
+        ``block`` < N, the gradient of the masked sum accumulated over blocks of examples
+        (memory: core.example_blocks), divided by n."""
         mask = jnp.arange(x.shape[0]) < n
-        loss, grads = jax.value_and_grad(masked_mean_loss, argnums=1)(model, server_params,
-                                                                      x, y, mask)
         k = n.astype(jnp.float32)
+        if block >= x.shape[0]:
+            loss, grads = jax.value_and_grad(masked_mean_loss, argnums=1)(
+                model, server_params, x, y, mask)
+        else:
+            def block_sums(xb, yb, mb):
+                def total(p):
+                    per_example = model.loss(model.apply(p, xb), yb)
+                    return jnp.sum(per_example * mb.astype(per_example.dtype))
+                return jax.value_and_grad(total)(server_params)
+            loss_sum, grad_sum = sum_over_blocks(block_sums, (x, y, mask), block)
+            count = jnp.maximum(k, 1.0)
+            loss, grads = loss_sum / count, jax.tree.map(lambda g: g / count, grad_sum)
         return grads, LocalStats(loss * k, k, jnp.minimum(n, 1))
 
     def apply(state: ServerState, cohort: Cohort, key: jax.Array):
         agg_key, _ = jax.random.split(key)       # the same aggregation key as FedAvg's
         def chunk_fn(x, y, n):
-            grads, stats = jax.vmap(lambda *a: client_gradient(state.params, *a))(x, y, n)
+            one = jax.ShapeDtypeStruct(x.shape[2:], x.dtype)      # forward + backward: 3x
+            block = block_size(lambda p, e: model.apply(p, e[None]),
+                               (abstract(state.params), one), x.shape[1], x.shape[0], 3.0)
+            grads, stats = jax.vmap(lambda *a: client_gradient(state.params, *a, block))(
+                x, y, n)
             return jax.tree.map(jnp.negative, grads), stats                # -g_k
 
         delta, weights, agg_state, residuals, stats, round_metrics = cohort_delta(  # (2)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lite.core.example_blocks import abstract, block_size, sum_over_blocks
 from fedjax_lite.core.round import EngineOptions, make_cohort, map_cohort
 from fedjax_lite.models.base import Model
 
@@ -17,19 +18,29 @@ def build_evaluate_sums(model: Model, engine: EngineOptions = EngineOptions(chun
     """``sums(params, data) -> dict`` of additive sums over the clients of ``data``
     (``{x, y, n}``): example-weighted loss and correct counts, per-client means and
     counts; :func:`finish_evaluate` turns sums (of one population, or added over blocks
-    of one) into the metrics."""
+    of one) into the metrics. A client's examples go through the model in blocks when
+    the chunk's all at once would hold too much memory (a CNN's; not a linear model's:
+    :mod:`fedjax_lite.core.example_blocks`)."""
 
-    def one_client(params, x, y, n):
-        logits = model.apply(params, x)
-        mask = (jnp.arange(x.shape[0]) < n).astype(jnp.float32)
-        loss = jnp.sum(model.loss(logits, y) * mask)
-        correct = jnp.sum((model.predict(logits) == y) * mask)
-        return loss, correct
+    def one_client(params, x, y, n, block):
+        def client_sums(x, y, mask):
+            logits = model.apply(params, x)
+            mask = mask.astype(jnp.float32)
+            return (jnp.sum(model.loss(logits, y) * mask),
+                    jnp.sum((model.predict(logits) == y) * mask))
+        return sum_over_blocks(client_sums, (x, y, jnp.arange(x.shape[0]) < n), block)
+
+    def chunk_fn(params):
+        def run(x, y, n):      # a chunk, x [K, N, ...]: examples in bounded blocks
+            one = jax.ShapeDtypeStruct(x.shape[2:], x.dtype)
+            block = block_size(lambda p, e: model.apply(p, e[None]),
+                               (abstract(params), one), x.shape[1], x.shape[0])
+            return jax.vmap(lambda x, y, n: one_client(params, x, y, n, block))(x, y, n)
+        return run
 
     def sums(params, data):
         everyone = make_cohort(data, jnp.arange(data["n"].shape[0]))
-        loss, correct = map_cohort(
-            jax.vmap(lambda x, y, n: one_client(params, x, y, n)), everyone, (), engine)
+        loss, correct = map_cohort(chunk_fn(params), everyone, (), engine)
         n = data["n"].astype(jnp.float32)
         has = n > 0
         per = jnp.maximum(n, 1.0)

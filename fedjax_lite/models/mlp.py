@@ -39,7 +39,8 @@ class MLP(nn.Module):
 def check_num_classes(num_classes: int, kind: str) -> None:
     """ValueError unless ``num_classes`` is an integer >= 2 (a softmax over classes)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"{kind}: num_classes must be an integer >= 2, got {num_classes!r}")
+        raise ValueError(f"{kind}: num_classes must be an integer >= 2, got "
+                         f"{num_classes!r}")
 
 
 def check_widths(widths: Sequence[int], what: str) -> tuple[int, ...]:
