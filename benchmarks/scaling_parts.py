@@ -34,7 +34,7 @@ import throughput as tp  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _algorithm(mesh=None, backend="shard_map"):
+def _algorithm(mesh=None, backend="shard_map", population_sharded=False):
     import jax
     import optax
     from fedjax_lite.algorithms import fedavg
@@ -44,7 +44,8 @@ def _algorithm(mesh=None, backend="shard_map"):
     alg = fedavg(model, client_optimizer=optax.sgd(tp.CLIENT_LR),
                  server_optimizer=optax.sgd(tp.SERVER_LR), local_epochs=tp.EPOCHS,
                  batch_size=tp.BATCH,
-                 engine=EngineOptions(chunk_size=64, mesh=mesh, backend=backend))
+                 engine=EngineOptions(chunk_size=64, mesh=mesh, backend=backend,
+                                      population_sharded=population_sharded))
     return alg, alg.init(model.init(jax.random.key(0)))
 
 
@@ -163,7 +164,7 @@ def layout_child(layout: str, cohort: int, rounds: int) -> dict:
     else:
         pop = jax.device_put({"x": x, "y": y, "n": n}, NamedSharding(mesh, PartitionSpec()))
     del x, y, n
-    alg, state = _algorithm_sharded(mesh) if layout == "sharded" else _algorithm(mesh)
+    alg, state = _algorithm(mesh, population_sharded=layout == "sharded")
     f = jax.jit(build_round(alg, num_clients=cohort, clients_per_round=cohort))
     root = jax.random.key(1)
     times = []
@@ -176,20 +177,6 @@ def layout_child(layout: str, cohort: int, rounds: int) -> dict:
     return {"layout": layout, "cohort": cohort, "devices": len(jax.local_devices()),
             "round_s": statistics.median(times[2:]), "peak_rss_bytes": hwm * 1024,
             "population_bytes": cohort * (tp.N_EX * tp.DIM * 4 + tp.N_EX * 4 + 4)}
-
-
-def _algorithm_sharded(mesh):
-    import jax
-    import optax
-    from fedjax_lite.algorithms import fedavg
-    from fedjax_lite.core import EngineOptions
-    from fedjax_lite.models import logistic_regression
-    model = logistic_regression(tp.DIM)
-    alg = fedavg(model, client_optimizer=optax.sgd(tp.CLIENT_LR),
-                 server_optimizer=optax.sgd(tp.SERVER_LR), local_epochs=tp.EPOCHS,
-                 batch_size=tp.BATCH,
-                 engine=EngineOptions(chunk_size=64, mesh=mesh, population_sharded=True))
-    return alg, alg.init(model.init(jax.random.key(0)))
 
 
 def layout_part(cohorts, rounds: int) -> list[dict]:

@@ -14,6 +14,56 @@ def _run_line(run: dict) -> str:
             f"matmul {m.get('matmul_gflops')} GFLOP/s; git {s['git_commit'][:7]}{dirty}")
 
 
+def _range(r: dict, key: str) -> str:
+    lo, hi = r[key]
+    return f"{lo:.2f}-{hi:.2f}"
+
+
+# (part, title, what was measured, table header, one row)
+SECTIONS = [
+    ("compile_rounds", "`engine.compile_rounds` vs the per-round loop",
+     "K = --block rounds per program (10 here) vs the per-round loop, alternated in one process "
+     "(population 1000).",
+     "| cohort | loop rounds/s | block rounds/s | speedup (median, range) |",
+     lambda r: f"| {r['cohort']} | {r['loop_rounds_per_s']:.1f} | "
+               f"{r['block_rounds_per_s']:.1f} | {r['speedup_median']:.2f}x "
+               f"({_range(r, 'speedup_range')}) |"),
+    ("cohort_size", "Cohort size (population = cohort, device storage)",
+     "One round of C clients, median of rounds after two warm-up rounds.",
+     "| cohort | clients/s | round s | peak RSS MB (process so far) |",
+     lambda r: f"| {r['cohort']:,} | {r['clients_per_s']:,.0f} | "
+               f"{r['round_s_median']:.3f} | {r['peak_rss_mb']:,.0f} |"),
+    ("storage", "`data.storage: host` vs `device`",
+     "Population 4 x cohort; the two alternate round by round; ratio = t_device / "
+     "t_host per pair (1.0: gathering on the host costs nothing visible).",
+     "| cohort | device clients/s | host clients/s | host speed / device (median, range) "
+     "| same params |",
+     lambda r: f"| {r['cohort']:,} | {r['device_clients_per_s']:,.0f} | "
+               f"{r['host_clients_per_s']:,.0f} | {r['host_vs_device_median']:.2f} "
+               f"({_range(r, 'host_vs_device_range')}) | {r['identical_params']} |"),
+    ("devices", "Device count and backend",
+     "Virtual CPU devices (`--xla_force_host_platform_device_count`) on the cores "
+     "above: more devices than cores add no compute, so this shows the sharding's "
+     "overhead, not a speedup. One process per setting, round-robin, median.",
+     "| cohort | devices | backend | clients/s |",
+     lambda r: f"| {r['cohort']:,} | {r['devices']} | {r['backend']} | "
+               f"{r['clients_per_s']:,.0f} |"),
+    ("mmap", "Populations from files on disk (`data.storage: mmap`)",
+     "The population is written block by block (never whole in memory), then "
+     "`fedjax-lite run` trains from it; peak RSS is the run process's.",
+     "| population | its size GB | peak RSS GB | cohort | round s | clients/s |",
+     lambda r: f"| {r['population']:,} | {r['population_bytes'] / 1e9:.2f} | "
+               f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['cohort']:,} | {r['round_s']:.3f} | "
+               f"{r['clients_per_s']:,.0f} |"),
+    ("layout", "The population replicated on every device vs sharded over them",
+     "One process per layout, all of the process's devices (one per core), one round "
+     "of C clients (population = cohort); peak RSS is the process's own.",
+     "| cohort | population GB | layout | peak RSS GB | round s |",
+     lambda r: f"| {r['cohort']:,} | {r['population_bytes'] / 1e9:.2f} | {r['layout']} | "
+               f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['round_s']:.2f} |"),
+]
+
+
 def write(res: dict, out: Path) -> None:
     runs = res.get("runs", {})
     lines = ["# Scaling (issue 11): workload W", "",
@@ -21,75 +71,13 @@ def write(res: dict, out: Path) -> None:
              "of 64 examples x 100 features, binary logistic regression, 5 local epochs of "
              "batch 16, FedAvg. Ratios are measured in one process with the variants "
              "alternated; the machine and commit of every part are named under it.", ""]
-    if "compile_rounds" in res:
-        lines += ["## `engine.compile_rounds` vs the per-round loop", "",
-                  f"Measured on {_run_line(runs['compile_rounds'])}.", "",
-                  "| cohort | loop rounds/s | block rounds/s | speedup (median, range) |",
-                  "|---|---|---|---|"]
-        for r in res["compile_rounds"]:
-            lines.append(f"| {r['cohort']} | {r['loop_rounds_per_s']:.1f} | "
-                         f"{r['block_rounds_per_s']:.1f} | {r['speedup_median']:.2f}x "
-                         f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}) |")
-        lines.append("")
-    if "cohort_size" in res:
-        lines += ["## Cohort size (population = cohort, device storage)", "",
-                  f"Measured on {_run_line(runs['cohort_size'])}.", "",
-                  "| cohort | clients/s | round s | peak RSS MB (process so far) |",
-                  "|---|---|---|---|"]
-        for r in res["cohort_size"]:
-            lines.append(f"| {r['cohort']:,} | {r['clients_per_s']:,.0f} | "
-                         f"{r['round_s_median']:.3f} | {r['peak_rss_mb']:,.0f} |")
-        lines.append("")
-    if "storage" in res:
-        lines += ["## `data.storage: host` vs `device`", "",
-                  f"Measured on {_run_line(runs['storage'])}. Population 4 x cohort; the "
-                  "two alternate round by round; ratio = t_device / t_host per pair "
-                  "(1.0: gathering on the host costs nothing visible).", "",
-                  "| cohort | device clients/s | host clients/s | host speed / device "
-                  "(median, range) | same params |", "|---|---|---|---|---|"]
-        for r in res["storage"]:
-            lo, hi = r["host_vs_device_range"]
-            lines.append(f"| {r['cohort']:,} | {r['device_clients_per_s']:,.0f} | "
-                         f"{r['host_clients_per_s']:,.0f} | {r['host_vs_device_median']:.2f}"
-                         f" ({lo:.2f}-{hi:.2f}) | {r['identical_params']} |")
-        lines.append("")
-    if "devices" in res:
-        lines += ["## Device count and backend", "",
-                  f"Measured on {_run_line(runs['devices'])}. Virtual CPU devices "
-                  "(`--xla_force_host_platform_device_count`) on the cores above: more "
-                  "devices than cores add no compute, so this shows the sharding's "
-                  "overhead, not a speedup. One process per setting, round-robin, median.",
-                  "", "| cohort | devices | backend | clients/s |", "|---|---|---|---|"]
-        for r in res["devices"]:
-            lines.append(f"| {r['cohort']:,} | {r['devices']} | {r['backend']} | "
-                         f"{r['clients_per_s']:,.0f} |")
-        lines.append("")
-    if "mmap" in res:
-        lines += ["## Populations from memory-mapped files (`data.storage: mmap`)", "",
-                  f"Measured on {_run_line(runs['mmap'])}. The population is written "
-                  "block by block (never whole in memory), then `fedjax-lite run` trains "
-                  "from it; peak RSS is the run process's.", "",
-                  "| population | its size GB | peak RSS GB | cohort | round s | "
-                  "clients/s |", "|---|---|---|---|---|---|"]
-        for r in res["mmap"]:
-            lines.append(f"| {r['population']:,} | {r['population_bytes'] / 1e9:.2f} | "
-                         f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['cohort']:,} | "
-                         f"{r['round_s']:.3f} | {r['clients_per_s']:,.0f} |")
-        lines.append("")
-    if "layout" in res:
-        lines += ["## The population replicated on every device vs sharded over them", "",
-                  f"Measured on {_run_line(runs['layout'])}. One process per layout, "
-                  "all of the process's devices (one per core), one round of C clients "
-                  "(population = cohort); peak RSS is the process's own.", "",
-                  "| cohort | population GB | layout | peak RSS GB | round s |",
-                  "|---|---|---|---|---|"]
-        for r in res["layout"]:
-            lines.append(f"| {r['cohort']:,} | {r['population_bytes'] / 1e9:.2f} | "
-                         f"{r['layout']} | {r['peak_rss_bytes'] / 1e9:.2f} | "
-                         f"{r['round_s']:.2f} |")
-        lines.append("")
-    sweep = out / "sweep.json"
-    if sweep.exists():
+    for part, title, what, header, row in SECTIONS:
+        if part not in res:
+            continue
+        lines += [f"## {title}", "", f"Measured on {_run_line(runs[part])}. {what}", "",
+                  header, "|" + "---|" * (header.count("|") - 1)]
+        lines += [row(r) for r in res[part]] + [""]
+    if (out / "sweep.json").exists():
         lines += ["## Sweeps", "", "See `results/sweep.md` (`benchmarks/sweep.py`).", ""]
     (out / "scaling.md").write_text("\n".join(lines))
     _plot(res, out / "scaling.png")
