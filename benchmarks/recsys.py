@@ -110,7 +110,8 @@ def per_user_parts(model, client_tx, server_tx, num_users: int, cohort: int, N: 
     import optax
     from jax import lax
 
-    from fedjax_lite.core.round import client_keys, sample_cohort
+    from fedjax_lite.core.round import client_keys
+    from fedjax_lite.core.sampling import sample_cohort
     from fedjax_lite.core.shuffle import epoch_orders
     E, B, I = LOCAL_EPOCHS, BATCH, model.num_items
 

@@ -52,7 +52,8 @@ def _algorithm(mesh=None, backend="shard_map", population_sharded=False):
 def storage_part(cohorts, rounds: int) -> list[dict]:
     import jax
     from fedjax_lite.core import Sampling, build_round, client_mesh, round_key
-    from fedjax_lite.core.round import build_cohort_round, build_sampler
+    from fedjax_lite.core.round import build_cohort_round
+    from fedjax_lite.core.sampling import build_sampler
     from fedjax_lite.data import Population
     from fedjax_lite.experiment import distributed
     from fedjax_lite.experiment.storage import HostRounds

@@ -57,7 +57,7 @@ def run_case(P: int, C: int, rounds: int, seed: int, chunk_size: int | None) -> 
 
     from fedjax_lite.algorithms import fedavg
     from fedjax_lite.core import EngineOptions, build_round, client_mesh, round_key
-    from fedjax_lite.core.round import sample_cohort
+    from fedjax_lite.core.sampling import sample_cohort
     from fedjax_lite.data.synthetic import fedprox_synthetic
     from fedjax_lite.experiment.builders import auto_chunk_size
     from fedjax_lite.models import multinomial_logistic_regression

@@ -13,7 +13,8 @@ import pytest
 
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, build_round,
                                     client_keys, client_mesh, local_training_chunk,
-                                    make_cohort, map_cohort, round_key, sample_cohort)
+                                    make_cohort, map_cohort, round_key)
+from fedjax_lite.core.sampling import sample_cohort
 from fedjax_lite.core.shuffle import epoch_orders, epoch_orders_lanes
 
 POP, COHORT = 10, 4

@@ -11,7 +11,7 @@ from scipy import stats
 
 from fedjax_lite.algorithms import fedavg, scaffold
 from fedjax_lite.core import EngineOptions, Sampling, build_round, make_cohort, poisson_bound
-from fedjax_lite.core.round import epoch_cohort, poisson_bound_tail, poisson_cohort
+from fedjax_lite.core.sampling import epoch_cohort, poisson_bound_tail, poisson_cohort
 from fedjax_lite.data import synthetic_logistic
 from fedjax_lite.models import logistic_regression
 

@@ -28,7 +28,8 @@ from fedjax_lite.core import (Sampling, build_evaluate, build_round, build_round
                               poisson_bound, round_key)
 from fedjax_lite.core import client_state
 from fedjax_lite.core.evaluate import build_evaluate_sums, finish_evaluate
-from fedjax_lite.core.round import build_cohort_round, build_sampler, poisson_bound_tail
+from fedjax_lite.core.round import build_cohort_round
+from fedjax_lite.core.sampling import build_sampler, poisson_bound_tail
 from fedjax_lite.data import check_cohort_size
 from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment import build_recsys, distributed, storage

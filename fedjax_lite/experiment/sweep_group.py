@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lite.core import Sampling, build_evaluate, build_round, poisson_bound, round_key
-from fedjax_lite.core.round import poisson_bound_tail
+from fedjax_lite.core.sampling import poisson_bound_tail
 from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment import distributed
 from fedjax_lite.experiment.builders import build_algorithm, build_model, engine_options
