@@ -13,6 +13,7 @@ from fedjax_lite.core import (EngineOptions, FederatedAlgorithm, aggregators, cl
                               compression)
 from fedjax_lite.core.aggregators import Aggregator
 from fedjax_lite.core.faults import Faults
+from fedjax_lite.core.sampling import poisson_bound, poisson_bound_tail
 from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment.config import (Config, EngineConfig, FedProxSyntheticData,
                                            NpzData, OptimizerConfig, SyntheticLogisticData)
@@ -90,6 +91,33 @@ def _example_data(config: Config, seed: int) -> tuple[fdata.Population, fdata.Po
     if test_split(config) == "clients":
         return fdata.split_clients(ds.train, d.test_fraction, seed)
     return fdata.split_examples(ds.train, d.test_fraction, np.random.default_rng([seed, 1]))
+
+
+def cohort_bound(config: cfg.Config, K: int, ledger) -> tuple[int, float]:
+    """(static cohort size, per-round overflow probability) of a run on K clients.
+
+    Poisson sampling pads its cohort to the smallest size exceeded with probability at
+    most 1e-12 per round -- in a DP run also at most ``ledger.overflow_tail``: an
+    overflow stop costs at most (1 + e^eps) R p of delta, kept below delta / 10 -- or
+    to ``algorithm.max_cohort_size`` (refused in a DP run when too small). Sets the
+    ledger's ``overflow_p``."""
+    C = config.algorithm.clients_per_round
+    if config.algorithm.sampling != "poisson":
+        return C, 0.0
+    tail = 1e-12 if ledger is None else min(1e-12, ledger.overflow_tail(config.rounds))
+    bound, overflow_p = poisson_bound(K, C / K, tail)
+    least = bound
+    if config.algorithm.max_cohort_size:
+        bound = config.algorithm.max_cohort_size
+        overflow_p = poisson_bound_tail(K, C / K, bound)
+        if ledger is not None and overflow_p > ledger.overflow_tail(config.rounds):
+            raise cfg.ConfigError(
+                f"config key 'algorithm.max_cohort_size': {bound} is exceeded with "
+                f"probability {overflow_p:.2g} per round, which would add more than "
+                f"delta / 10 to delta; use at least {least} or leave it null")
+    if ledger is not None:
+        ledger.overflow_p = overflow_p
+    return bound, overflow_p
 
 
 def test_split(config: Config) -> str:

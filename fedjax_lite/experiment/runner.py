@@ -24,17 +24,16 @@ import time
 import jax
 import yaml
 
-from fedjax_lite.core import (Sampling, build_evaluate, build_round, build_rounds,
-                              poisson_bound, round_key)
+from fedjax_lite.core import Sampling, build_evaluate, build_round, build_rounds, round_key
 from fedjax_lite.core import client_state
 from fedjax_lite.core.evaluate import build_evaluate_sums, finish_evaluate
 from fedjax_lite.core.round import build_cohort_round
-from fedjax_lite.core.sampling import build_sampler, poisson_bound_tail
+from fedjax_lite.core.sampling import build_sampler
 from fedjax_lite.data import check_cohort_size
 from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment import build_recsys, distributed, storage
 from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm, build_data,
-                                             build_model, engine_options)
+                                             build_model, cohort_bound, engine_options)
 from fedjax_lite.experiment.blocks import RoundSource, all_finite
 from fedjax_lite.experiment.checkpoint import CheckpointError, Checkpointer, check_resume
 from fedjax_lite.experiment.config_schema import OutputError
@@ -117,24 +116,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         _, setup = privacy_run.resolve(config, K)
         ledger = privacy_run.Ledger(setup, config.privacy.delta,
                                     config.privacy.target_epsilon)
-    bound, overflow_p = C, 0.0
-    if sampling_kind == "poisson":
-        # a DP run's overflow stop costs at most (1 + e^eps) R p of delta (p per round):
-        # keep that below delta / 10
-        tail = 1e-12 if ledger is None else min(1e-12, ledger.overflow_tail(config.rounds))
-        bound, overflow_p = poisson_bound(K, C / K, tail)
-        least = bound                      # the smallest bound that meets ``tail``
-        if config.algorithm.max_cohort_size:
-            bound = config.algorithm.max_cohort_size
-            overflow_p = poisson_bound_tail(K, C / K, bound)
-            if ledger is not None and overflow_p > ledger.overflow_tail(config.rounds):
-                raise cfg.ConfigError(
-                    f"config key 'algorithm.max_cohort_size': {bound} is exceeded with "
-                    f"probability {overflow_p:.2g} per round, which would add more than "
-                    f"delta / 10 to delta; use at least {least} "
-                    "or leave it null")
-        if ledger is not None:
-            ledger.overflow_p = overflow_p
+    bound, overflow_p = cohort_bound(config, K, ledger)
     check_static_cohort(config, bound)
     init_key, run_key = jax.random.split(jax.random.key(config.seed))
     engine = distributed.spread(engine_options(config.engine, train.n))

@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.core import Sampling, build_evaluate, build_round, poisson_bound, round_key
-from fedjax_lite.core.sampling import poisson_bound_tail
+from fedjax_lite.core import Sampling, build_evaluate, build_round, round_key
+from fedjax_lite.core.local import MEMBERS_AXIS
 from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment import distributed
-from fedjax_lite.experiment.builders import build_algorithm, build_model, engine_options
-from fedjax_lite.core.local import MEMBERS_AXIS
+from fedjax_lite.experiment.builders import (build_algorithm, build_model, cohort_bound,
+                                             engine_options)
 from fedjax_lite.experiment.swept import Swept, not_vmappable
 
 NOISE_KEY = "aggregator.noise_multiplier"
@@ -54,27 +54,6 @@ def lookup(config: cfg.Config, key: str):
     for part in key.split("."):
         obj = obj.kwargs[part] if isinstance(obj, cfg.OptimizerConfig) else getattr(obj, part)
     return obj
-
-
-def cohort_bound(config: cfg.Config, K: int, ledger) -> tuple[int, float]:
-    """(static cohort size, per-round overflow probability): the runner's rule."""
-    C = config.algorithm.clients_per_round
-    if config.algorithm.sampling != "poisson":
-        return C, 0.0
-    tail = 1e-12 if ledger is None else min(1e-12, ledger.overflow_tail(config.rounds))
-    bound, overflow_p = poisson_bound(K, C / K, tail)
-    least = bound
-    if config.algorithm.max_cohort_size:
-        bound = config.algorithm.max_cohort_size
-        overflow_p = poisson_bound_tail(K, C / K, bound)
-        if ledger is not None and overflow_p > ledger.overflow_tail(config.rounds):
-            raise cfg.ConfigError(
-                f"config key 'algorithm.max_cohort_size': {bound} is exceeded with "
-                f"probability {overflow_p:.2g} per round, which would add more than "
-                f"delta / 10 to delta; use at least {least} or leave it null")
-    if ledger is not None:
-        ledger.overflow_p = overflow_p
-    return bound, overflow_p
 
 
 class Alone(NamedTuple):
