@@ -370,6 +370,9 @@ def _check_recommendation(config: Config) -> None:
             f"{' / '.join(RECOMMENDATION_ALGORITHMS)} go together; got data "
             f"{config.data.kind!r}, model {config.model.kind!r}, algorithm "
             f"{config.algorithm.name!r}")
+    if rec and config.eval.train:
+        raise ConfigError("config key 'eval.train': the recommenders report their own "
+                          "metrics (eval_rmse, ranking); eval.train is for classification")
     if not rec:
         if config.eval.ranking:
             raise ConfigError("config key 'eval.ranking': ranking metrics are defined for "
@@ -425,6 +428,10 @@ def _check_private(config: Config, raw: dict) -> None:
         raise ConfigError(f"config key 'algorithm.name': {algo.name} cannot be combined with "
                           f"aggregator {agg.name}: {NOT_PRIVATE_WITH_DP[algo.name]}; use "
                           "fedavg, fedprox, fedsgd or a FedOpt variant")
+    if config.eval.train and not privacy.nonprivate_diagnostics:
+        raise ConfigError("config key 'eval.train': the loss on the training clients is "
+                          "computed from their data outside the DP mechanism; set "
+                          "privacy.nonprivate_diagnostics: true to log it anyway")
     if getattr(config.data, "test_split", None) == "examples" and not getattr(
             config.data, "test_path", None) and not privacy.nonprivate_diagnostics:
         raise ConfigError("config key 'data.test_split': examples evaluates every training "

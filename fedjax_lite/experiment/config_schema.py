@@ -310,9 +310,13 @@ class EvalConfig:
     ranking (recommenders): HR@10 / NDCG@10 of each held-out item among ``negatives``
     items the user never rated (sampled once per run; He et al. 2017) and among all of
     them (Krichene and Rendle 2020): eval_hr10, eval_ndcg10, eval_hr10_full,
-    eval_ndcg10_full."""
+    eval_ndcg10_full. train: also evaluate the global model on the training population
+    (eval_train_loss, eval_train_accuracy: the federated objective f(w) = sum_k p_k F_k(w)
+    that FL papers plot as "training loss", p_k by example counts); not in a DP run
+    without privacy.nonprivate_diagnostics (it is computed from client data)."""
     ranking: bool = False
     negatives: int = field(default=99, metadata=_POS_INT)
+    train: bool = False
 
 
 @dataclass(frozen=True)

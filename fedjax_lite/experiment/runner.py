@@ -210,6 +210,17 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         compiled = jit(build_evaluate(model, eval_engine)).lower(
             state.params, test_data).compile()
         evaluate = lambda st, data: compiled(st.params, data)
+    train_evaluate = None     # eval.train: the global model on the training population
+    if config.eval.train:
+        if on_device:         # (a sharded population is read where it lives)
+            on_train = jit(build_evaluate(model, eval_engine._replace(
+                population_sharded=engine.population_sharded))).lower(
+                state.params, population).compile()
+            train_evaluate = lambda st: on_train(st.params, population)
+        else:
+            blocked_train = storage.blocked_evaluate(
+                build_evaluate_sums(model, eval_engine), finish_evaluate, train, put)
+            train_evaluate = lambda st: blocked_train(st.params)
     compile_s = time.perf_counter() - t0
     if progress:
         print(f"fedjax-lite: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
@@ -247,6 +258,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
 
     def eval_row(round_num: int, st, window: dict) -> dict:
         ev = {k: float(v) for k, v in evaluate(st, test_data).items()}
+        if train_evaluate is not None:
+            on_train = train_evaluate(st)
+            ev.update({f"eval_train_{k}": float(on_train[f"eval_{k}"])
+                       for k in ("loss", "accuracy")})
         if not math.isfinite(ev["eval_loss"]):
             raise DivergenceError(f"non-finite eval loss at round {round_num}")
         timed = window["rounds"] and show_loss   # round times depend on client data sizes
