@@ -79,7 +79,8 @@ def run_variant(raw: dict, tmp: str, label: str, *, seeds: int,
         rows = read_metrics(os.path.join(folder, algorithm, f"seed{k}", "metrics.jsonl"))
         curves.append({"seed": c["seed"], "round": [r["round"] for r in rows],
                        **{key: [r.get(key) for r in rows]
-                          for key in ("eval_accuracy", "eval_loss", "train_loss")}})
+                          for key in ("eval_accuracy", "eval_loss", "train_loss",
+                                      "eval_train_loss")}})
     shutil.rmtree(folder, ignore_errors=True)
     out = {"label": label, "config": raw, "seeds": [c["seed"] for c in curves],
            "curves": curves, "rounds_to_target": row["rounds_to_target"],

@@ -88,7 +88,10 @@ def run(args) -> dict:
 def render(doc: dict, out) -> str:
     """PNGs into ``out`` and the markdown, from the document alone."""
     runs, datasets, levels = doc["runs"], doc["datasets"], doc["levels"]
-    for key in ("loss", "accuracy"):
+    keys = ("train_loss", "loss", "accuracy") if all(
+        c.get("eval_train_loss") for v in runs.values() for c in v["curves"]) else \
+        ("loss", "accuracy")             # runs made before eval.train existed
+    for key in keys:
         plot(out / f"curves_{key}.png", runs, datasets, levels, key, doc["seeds"],
              doc["leaf"])
     doc["claims"] = claims(runs, datasets, levels)
@@ -218,7 +221,9 @@ def markdown(runs, datasets, levels, checks, seeds, rounds) -> str:
                      + f" (mean **{g['final_mean']:+.1%}**); averaged over rounds "
                      + ", ".join(f"{title[d]} {x:+.1%}" for d, x in g["avg"].items())
                      + f" (mean **{g['avg_mean']:+.1%}**).")
-    lines += ["", "Curves: `curves_loss.png` (held-out loss), `curves_accuracy.png` (test "
+    lines += ["", "Curves: `curves_train_loss.png` (the global model's loss on all "
+              "devices' training data, the paper's Fig. 1 quantity), `curves_loss.png` "
+              "(held-out loss), `curves_accuracy.png` (test "
               "accuracy); rows = straggler levels, columns = data sets, as in the paper's "
               "Fig. 1."]
     return "\n".join(lines) + "\n"
@@ -228,8 +233,10 @@ def plot(path, runs, datasets, levels, key, seeds, leaf) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metric = {"loss": "eval_loss", "accuracy": "eval_accuracy"}[key]
+    metric = {"loss": "eval_loss", "accuracy": "eval_accuracy",
+              "train_loss": "eval_train_loss"}[key]
     ylabel = {"loss": "held-out loss (cross-entropy, nats)",
+              "train_loss": "training loss f(w), all devices (nats)",
               "accuracy": "test accuracy (fraction)"}[key]
     fig, axes = plt.subplots(len(levels), len(datasets), squeeze=False, sharex=True,
                              figsize=(3.6 * len(datasets) + 0.6, 2.9 * len(levels) + 0.9))
@@ -250,11 +257,11 @@ def plot(path, runs, datasets, levels, key, seeds, leaf) -> None:
                 ax.set_xlabel("communication round")
             if j == 0:
                 ax.set_ylabel(ylabel, fontsize=8)
-            if key == "loss":
+            if key != "accuracy":
                 top = max(max(x for x in c[metric] if x is not None)
                           for m in METHODS for c in runs[f"{d}|{lv}|{m}"]["curves"])
                 ax.set_ylim(0, min(top * 1.05, 4.0))
-        axes[i][0].legend(fontsize=7, loc="upper right" if key == "loss" else "lower right")
+        axes[i][0].legend(fontsize=7, loc="lower right" if key == "accuracy" else "upper right")
     src = "FedProx repository's data files (data.kind leaf)" if leaf else \
         "fedprox_synthetic generator, data seed 0"
     fig.suptitle(f"FedProx vs FedAvg (Li et al. 2020, Fig. 1 layout): {ylabel}\n"

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 EXPECTED = {   # reproduction -> (figures, keys of results.json)
-    "repro_fedprox": (["curves_loss.png", "curves_accuracy.png"],
+    "repro_fedprox": (["curves_train_loss.png", "curves_loss.png", "curves_accuracy.png"],
                       ["datasets", "levels", "runs", "claims"]),
     "repro_fedavg": (["curves.png"], ["target", "rows", "runs", "paper"]),
     "repro_scaffold": (["curves.png", "sweep.png"],
