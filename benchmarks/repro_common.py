@@ -220,6 +220,34 @@ class Recorder:
         return doc
 
 
+def command_line(doc: str, argv, run, render, *, quick_help: str, seeds_help: str,
+                 out, rounds_help: str | None = None, extra=()):
+    """The command line every reproduction shares -- ``--quick``, ``--seeds``,
+    ``--rounds`` (when ``rounds_help``), the ``extra`` (flags, kwargs) arguments,
+    ``--out`` (``out``: a path, or a function of the parsed arguments) and
+    ``--render-only`` -- then ``run(args)`` or :func:`rerender`."""
+    import argparse
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--seeds", type=int, default=None, help=seeds_help)
+    if rounds_help:
+        p.add_argument("--rounds", type=int, default=None, help=rounds_help)
+    for flags, kwargs in extra:
+        p.add_argument(*flags, **kwargs)
+    p.add_argument("--out", default=None)
+    p.add_argument("--render-only", action="store_true",
+                   help="rebuild summary.md and the PNGs from --out's results.json")
+    args = p.parse_args(argv)
+    args.argv = argv
+    if args.out is None:
+        args.out = str(out(args) if callable(out) else out)
+    if args.render_only:
+        return rerender(args.out, render)
+    setup()
+    return run(args)
+
+
 def rerender(out: str, render) -> None:
     """Rebuilds summary.md and the PNGs of ``out`` from its results.json (``render(doc,
     out_path) -> markdown``), keeping the header of the run that made it. ``render`` may

@@ -15,11 +15,8 @@ local work per round grows with E): rows that miss it are reported as "> cap".
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from repro_common import (REPO, Recorder, band, final, load_config, rerender, rounds_to,
-                          run_variant, setup, with_keys)
+from repro_common import (REPO, band, command_line, final, load_config, Recorder,
+                          rounds_to, run_variant, with_keys)
 
 FULL = 10_000                          # a batch size above every client's size: B = inf
 TARGET = 0.97
@@ -226,20 +223,9 @@ def plot(path, runs, rows, seeds) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 rounds, FedSGD + one FedAvg row")
-    p.add_argument("--seeds", type=int, default=None, help="default 1")
-    p.add_argument("--out", default=str(REPO / "results" / "repro_fedavg"))
-    p.add_argument("--render-only", action="store_true",
-                   help="rebuild summary.md and the PNG from --out's results.json")
-    args = p.parse_args(argv)
-    args.argv = argv
-    if args.render_only:
-        return rerender(args.out, render)
-    setup()
-    return run(args)
-
+    return command_line(__doc__, argv, run, render,
+                        quick_help="3 rounds, FedSGD + one FedAvg row", seeds_help="default 1",
+                        out=REPO / "results" / "repro_fedavg")
 
 if __name__ == "__main__":
     main()

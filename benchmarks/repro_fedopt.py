@@ -16,13 +16,10 @@ every seed (``data.seed``); a seed changes init, cohorts and shuffles.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import numpy as np
 
-from repro_common import (REPO, Recorder, band, final, late_change, load_config, pm,
-                          rerender, run_variant, setup, with_keys)
+from repro_common import (REPO, band, command_line, final, late_change, load_config, pm,
+                          Recorder, run_variant, with_keys)
 
 CLIENT_LRS = (0.03, 0.1)
 EPS = 1e-3                      # tau in Reddi et al.
@@ -197,21 +194,11 @@ def plot_grid(path, grid, methods, client_lrs) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 rounds, 2 methods, 1 grid point")
-    p.add_argument("--seeds", type=int, default=None, help="fresh seeds (default 2; quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="default: the config's (150)")
-    p.add_argument("--out", default=str(REPO / "results" / "repro_fedopt"))
-    p.add_argument("--render-only", action="store_true",
-                   help="rebuild summary.md and the PNGs from --out's results.json")
-    args = p.parse_args(argv)
-    args.argv = argv
-    if args.render_only:
-        return rerender(args.out, render)
-    setup()
-    return run(args)
-
+    return command_line(__doc__, argv, run, render,
+                        quick_help="3 rounds, 2 methods, 1 grid point",
+                        seeds_help="fresh seeds (default 2; quick 1)",
+                        rounds_help="default: the config's (150)",
+                        out=REPO / "results" / "repro_fedopt")
 
 if __name__ == "__main__":
     main()

@@ -18,14 +18,12 @@ through ``data.kind: leaf``, into results/repro_fedprox_leaf/.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import numpy as np
 
-from repro_common import (Recorder, band, final, late_change, load_config, mean_over_rounds,
-                          pm, rerender, run_variant, setup, with_keys)
+from repro_common import (REPO, band, command_line, final, late_change, load_config,
+                          mean_over_rounds, pm, Recorder, run_variant, with_keys)
 
 DATASETS = {   # key -> (title, data overrides)
     "iid": ("Synthetic-IID", {"iid": True, "alpha": 0.0, "beta": 0.0}),
@@ -273,26 +271,15 @@ def plot(path, runs, datasets, levels, key, seeds, leaf) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="few rounds, one data set")
-    p.add_argument("--seeds", type=int, default=None, help="default 2 (quick: 1)")
-    p.add_argument("--rounds", type=int, default=None, help="default: the config's (200)")
-    p.add_argument("--datasets", default=None, help=f"subset of {','.join(DATASETS)}")
-    p.add_argument("--leaf", default=None, help="the FedProx repository's data/ folder")
-    p.add_argument("--out", default=None)
-    p.add_argument("--render-only", action="store_true",
-                   help="rebuild summary.md and the PNGs from --out's results.json")
-    args = p.parse_args(argv)
-    args.argv = argv
-    if args.out is None:
-        args.out = str(__import__("repro_common").REPO / "results" / (
-            "repro_fedprox_leaf" if args.leaf else "repro_fedprox"))
-    if args.render_only:
-        return rerender(args.out, render)
-    setup()
-    return run(args)
-
+    return command_line(
+        __doc__, argv, run, render, quick_help="few rounds, one data set",
+        seeds_help="default 2 (quick: 1)", rounds_help="default: the config's (200)",
+        extra=[(("--datasets",), {"default": None,
+                                  "help": f"subset of {','.join(DATASETS)}"}),
+               (("--leaf",), {"default": None,
+                              "help": "the FedProx repository's data/ folder"})],
+        out=lambda a: REPO / "results" / ("repro_fedprox_leaf" if a.leaf
+                                          else "repro_fedprox"))
 
 if __name__ == "__main__":
     main()

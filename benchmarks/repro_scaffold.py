@@ -19,13 +19,10 @@ that stays flat along the sweep.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import numpy as np
 
-from repro_common import (REPO, Recorder, band, final, late_change, load_config, pm,
-                          rerender, run_variant, setup, with_keys)
+from repro_common import (REPO, band, command_line, final, late_change, load_config, pm,
+                          Recorder, run_variant, with_keys)
 
 DATASETS = {
     "iid": ("-IID", {"iid": True, "alpha": 0.0, "beta": 0.0}),
@@ -229,21 +226,11 @@ def plot_sweep(path, table, refs, datasets, methods, seeds) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 rounds, 2 data sets, 2 methods")
-    p.add_argument("--seeds", type=int, default=None, help="default 2 (quick: 1)")
-    p.add_argument("--rounds", type=int, default=None, help="default: the config's (200)")
-    p.add_argument("--out", default=str(REPO / "results" / "repro_scaffold"))
-    p.add_argument("--render-only", action="store_true",
-                   help="rebuild summary.md and the PNGs from --out's results.json")
-    args = p.parse_args(argv)
-    args.argv = argv
-    if args.render_only:
-        return rerender(args.out, render)
-    setup()
-    return run(args)
-
+    return command_line(__doc__, argv, run, render,
+                        quick_help="3 rounds, 2 data sets, 2 methods",
+                        seeds_help="default 2 (quick: 1)",
+                        rounds_help="default: the config's (200)",
+                        out=REPO / "results" / "repro_scaffold")
 
 if __name__ == "__main__":
     main()
