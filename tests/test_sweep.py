@@ -129,12 +129,14 @@ def test_dp_members_are_vmapped_and_accounted_each(tmp_path):
            "algorithm": {"name": "fedavg", "clients_per_round": 8, "batch_size": 4,
                          "weighting": "uniform"},
            "aggregator": {"name": "dp_gaussian", "clip_norm": 0.5, "noise_multiplier": 0.8}}
-    grid = ["algorithm.client_optimizer.learning_rate=0.05,0.2"]
+    grid = ["algorithm.client_optimizer.learning_rate=0.05,0.2",
+            "aggregator.noise_multiplier=0.8,1.3", "aggregator.clip_norm=0.5,1.0"]
     out = tmp_path / "out"
     doc = sweep(raw, str(out), grids=grid, seeds="0,1", progress=False)
-    assert [len(g["members"]) for g in doc["groups"] if g["vmapped"]] == [4]
-    member = plan(raw, grid, "0,1")[3]
-    assert member.name == "lr=0.2,seed=1"
+    # the clip norm and the noise multiplier vmap too: one program of 16 members
+    assert [len(g["members"]) for g in doc["groups"]] == [16] and doc["groups"][0]["vmapped"]
+    member = plan(raw, grid, "0,1")[13]
+    assert member.name == "lr=0.2,noise=1.3,clip=0.5,seed=1"
     run(member.config, str(tmp_path / "alone"), progress=False)
     assert_same_rows(out / "members" / member.name / "metrics.jsonl",
                      tmp_path / "alone" / "metrics.jsonl")

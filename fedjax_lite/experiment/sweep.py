@@ -30,8 +30,8 @@ Decisions:
   the vmapped function by the normal builders from :class:`~.swept.Swept` values, so a
   member computes what its own run computes (tested: metrics equal to ``runner.run`` of
   the member alone to 1e-5). Where a builder needs a swept value as a concrete number
-  (e.g. DP's clip norm and noise multiplier are read with ``float`` in
-  ``privacy/gaussian.py``; SCAFFOLD probes its learning rate with NumPy), the group is
+  (e.g. SCAFFOLD probes its learning rate with NumPy, adaptive clipping splits its noise
+  multiplier with ``math``), the group is
   split by that key and each part vmapped over the rest. Groups of one and configs the
   program does not cover (recommenders, ``privacy.secure_mode``, the pmap backend, host or
   mmap storage, several processes) run alone through ``runner.run``.

@@ -121,10 +121,24 @@ def adaptive_noise_split(noise_multiplier: float, count_stddev: float) -> float:
     return z / math.sqrt(1.0 - (z / (2.0 * sigma_b)) ** 2)
 
 
+def _values(value) -> tuple[float, ...]:
+    """The concrete number(s) behind ``value``: itself, or -- a value swept over a
+    sweep's vmapped members (``fedjax_lite.experiment.swept``) -- every member's."""
+    host = getattr(value, "host", None)
+    return tuple(host) if host is not None else (float(value),)
+
+
+def _checked(name: str, value, ok, allowed: str):
+    """``value`` (a float, or a swept value left traced) after checking every concrete
+    value behind it with ``ok``."""
+    if not all(math.isfinite(v) and ok(v) for v in _values(value)):
+        raise ValueError(f"dp_gaussian: {name} must be finite and {allowed}, got "
+                         f"{name}={value!r}")
+    return value if hasattr(value, "host") else float(value)
+
+
 def _check_positive(name: str, value: float) -> float:
-    if not (math.isfinite(float(value)) and value > 0):
-        raise ValueError(f"dp_gaussian: {name} must be finite and > 0, got {name}={value!r}")
-    return float(value)
+    return _checked(name, value, lambda v: v > 0, "> 0")
 
 
 def dp_gaussian(clip_norm: float, noise_multiplier: float, expected_clients: float, *,
@@ -151,10 +165,7 @@ def dp_gaussian(clip_norm: float, noise_multiplier: float, expected_clients: flo
     """
     S0 = _check_positive("clip_norm", clip_norm)
     denom = _check_positive("expected_clients", expected_clients)
-    z = float(noise_multiplier)
-    if not (math.isfinite(z) and z >= 0):
-        raise ValueError(f"dp_gaussian: noise_multiplier must be finite and >= 0, got "
-                         f"noise_multiplier={noise_multiplier!r}")
+    z = _checked("noise_multiplier", noise_multiplier, lambda v: v >= 0, ">= 0")
 
     if adaptive is not None:
         gamma, eta = float(adaptive.target_quantile), float(adaptive.learning_rate)
