@@ -186,7 +186,7 @@ def sigkill_after_checkpoint(path, out, at_least: int, env: dict) -> None:
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    raw = {**SMALL, "rounds": 300, "eval_every": 50, "checkpoint_every": 10}
+    raw = {**SMALL, "rounds": 150, "eval_every": 50, "checkpoint_every": 10}
     path = write_config(tmp_path, raw)
     env = {**os.environ, "PYTHONPATH": ROOT}
     killed = tmp_path / "killed"

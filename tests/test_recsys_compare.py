@@ -79,7 +79,7 @@ def test_ranking_metrics_in_every_row(tmp_path, objective):
 
 
 def test_fcf_sigkill_then_resume_is_bitwise_exact(tmp_path):
-    raw = {**REC, "rounds": 400, "eval_every": 100, "checkpoint_every": 5,
+    raw = {**REC, "rounds": 150, "eval_every": 50, "checkpoint_every": 5,
            "algorithm": {**REC["algorithm"], "clients_per_round": 10, "local_epochs": 1}}
     path = write_config(tmp_path, raw)
     env = {**os.environ, "PYTHONPATH": ROOT}
