@@ -69,8 +69,8 @@ def storage_part(cohorts, rounds: int) -> list[dict]:
         alg, state0 = _algorithm(mesh)
         root = jax.random.key(1)
         dev_fn = jit(build_round(alg, num_clients=K, clients_per_round=C))
-        hr = HostRounds(host, jit(build_sampler(num_clients=K, clients_per_round=C,
-                                                sampling=Sampling())), put, root, 10 ** 6)
+        hr = HostRounds(host, build_sampler(num_clients=K, clients_per_round=C,
+                                            sampling=Sampling()), put, root, 10 ** 6, jit)
         hr.cohort_round = jit(build_cohort_round(alg, num_clients=K))
         states = {"device": state0, "host": state0}
 

@@ -179,8 +179,8 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
         step = lambda st, r: round_fn(st, population, round_key(run_key, r))
     else:      # host / mmap: the cohort is drawn on the device, gathered on the host
         host_rounds = storage.HostRounds(
-            train, jit(build_sampler(num_clients=K, clients_per_round=C,
-                                     sampling=sampling)), put, run_key, config.rounds)
+            train, build_sampler(num_clients=K, clients_per_round=C, sampling=sampling),
+            put, run_key, config.rounds, jit)
         host_rounds.cohort_round = jit(build_cohort_round(algorithm, num_clients=K)).lower(
             *host_rounds.inputs(state, host_rounds.first(0))).compile()
         step = host_rounds

@@ -188,15 +188,22 @@ def put_sharded(train: Population, mesh) -> dict:
 class HostRounds:
     """``step(state, r) -> (state, metrics)`` for a population kept on the host.
 
-    ``sampler``: the jitted :func:`~fedjax_lite.core.round.build_sampler`;
-    ``cohort_round``: the compiled :func:`~fedjax_lite.core.round.build_cohort_round`;
-    ``put``: host arrays to the devices the round runs on."""
+    ``sampler``: :func:`~fedjax_lite.core.sampling.build_sampler` (not jitted: it is run
+    vmapped over ``SAMPLE_BLOCK`` rounds at a time, so drawing a cohort never waits in the
+    device's queue behind the round being computed); ``cohort_round``: the compiled
+    :func:`~fedjax_lite.core.round.build_cohort_round`; ``put``: host arrays to the
+    devices the round runs on; ``jit``: how programs are compiled (the run's placement)."""
+
+    SAMPLE_BLOCK = 32
 
     def __init__(self, train: Population, sampler: Callable, put: Callable,
-                 root: jax.Array, rounds: int):
-        self.train, self.sampler, self.put = train, sampler, put
+                 root: jax.Array, rounds: int, jit: Callable = jax.jit):
+        self.train, self.put = train, put
         self.arrays = train.arrays()        # {x, y, n}: in RAM, or read from files
         self.root, self.rounds = root, rounds
+        self._sample_block = jit(jax.vmap(
+            lambda r: sampler(r, round_key(root, r))))
+        self._samples: dict = {}     # block number -> (index, mask, extra) on the host
         self.cohort_round = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedjax-lite-cohort")
         self._pending: dict = {}
@@ -207,8 +214,14 @@ class HostRounds:
         """Round r's (data, sampled, key): drawn on the device, gathered on the host
         in ascending row order (sequential reads from the files), transferred."""
         key = round_key(self.root, r)
-        index, mask, extra = self.sampler(jnp.int32(r), key)
-        idx = np.asarray(index)
+        b, j = divmod(r, self.SAMPLE_BLOCK)
+        if b not in self._samples:
+            self._samples = {b: jax.tree.map(np.asarray, self._sample_block(
+                jnp.arange(b * self.SAMPLE_BLOCK, (b + 1) * self.SAMPLE_BLOCK,
+                           dtype=jnp.int32)))}
+        index, mask, extra = jax.tree.map(lambda a: a[j], self._samples[b])
+        idx = index
+        index, mask, extra = self.put((index, mask, extra))
         order = np.argsort(idx, kind="stable")
         rows = np.empty(len(idx), np.int32)
         rows[order] = np.arange(len(idx), dtype=np.int32)
