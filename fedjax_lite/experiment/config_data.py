@@ -26,6 +26,9 @@ TEST_SPLITS = ("auto", "examples", "clients")
 # populations larger than RAM; 'auto' -- device when it fits the device memory budget,
 # host when it fits RAM, mmap otherwise. Results are identical across storages.
 STORAGES = ("auto", "device", "host", "mmap")
+# data.seed: the data's own seed (generation and splits); null = the run's seed
+_DATA_SEED = _check(lambda v: v is None or 0 <= v <= SEED_MAX,
+                    "null or an integer in [0, 2**63 - 1]")
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,7 @@ class SyntheticLogisticData:
     test_split: Literal[TEST_SPLITS] = "auto"
     storage: Literal[STORAGES] = "auto"
     prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
-    seed: Union[int, None] = field(default=None, metadata=_check(   # the data's seed
-        lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
+    seed: Union[int, None] = field(default=None, metadata=_DATA_SEED)
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,7 @@ class FedProxSyntheticData:
     test_split: Literal[TEST_SPLITS] = "auto"
     storage: Literal[STORAGES] = "auto"
     prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
-    seed: Union[int, None] = field(default=None, metadata=_check(   # the data's seed
-        lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
+    seed: Union[int, None] = field(default=None, metadata=_DATA_SEED)
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,7 @@ class NpzData:
     test_split: Literal[TEST_SPLITS] = "auto"      # without test_path
     storage: Literal[STORAGES] = "auto"
     prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
-    seed: Union[int, None] = field(default=None, metadata=_check(   # the data's seed
-        lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
+    seed: Union[int, None] = field(default=None, metadata=_DATA_SEED)
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,7 @@ class LeafData:
     test_split: Literal[TEST_SPLITS] = "auto"      # without test_path
     storage: Literal[STORAGES] = "auto"
     prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
-    seed: Union[int, None] = field(default=None, metadata=_check(   # the data's seed
-        lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
+    seed: Union[int, None] = field(default=None, metadata=_DATA_SEED)
 
 
 # How a centralized dataset is spread over clients (fedjax_lite.data.partition): iid;
@@ -134,8 +133,7 @@ class SklearnDigitsData:
                                                               "a number in (0, 1)"))
     storage: Literal[STORAGES] = "auto"
     prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
-    seed: Union[int, None] = field(default=None, metadata=_check(   # the data's seed
-        lambda v: v is None or 0 <= v <= SEED_MAX, "null or an integer in [0, 2**63 - 1]"))
+    seed: Union[int, None] = field(default=None, metadata=_DATA_SEED)
 
 
 RATING_SPLITS = ("random", "temporal", "leave_one_out")
