@@ -227,5 +227,6 @@ def main(argv: list[str] | None = None) -> dict:
                         quick_help="3 rounds, FedSGD + one FedAvg row", seeds_help="default 1",
                         out=REPO / "results" / "repro_fedavg")
 
+
 if __name__ == "__main__":
     main()

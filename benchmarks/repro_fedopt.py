@@ -200,5 +200,6 @@ def main(argv: list[str] | None = None) -> dict:
                         rounds_help="default: the config's (150)",
                         out=REPO / "results" / "repro_fedopt")
 
+
 if __name__ == "__main__":
     main()

@@ -281,5 +281,6 @@ def main(argv: list[str] | None = None) -> dict:
         out=lambda a: REPO / "results" / ("repro_fedprox_leaf" if a.leaf
                                           else "repro_fedprox"))
 
+
 if __name__ == "__main__":
     main()

@@ -232,5 +232,6 @@ def main(argv: list[str] | None = None) -> dict:
                         rounds_help="default: the config's (200)",
                         out=REPO / "results" / "repro_scaffold")
 
+
 if __name__ == "__main__":
     main()
