@@ -272,13 +272,20 @@ def build_round(algorithm: FederatedAlgorithm, *, num_clients: int,
 
     def round_fn(state, population: dict, key: jax.Array):
         index, mask, extra = sample(getattr(state, "round", None), key)
-        _, train_key = jax.random.split(key)
         # size: a sharded population may carry empty rows past K (device divisibility)
         cohort = make_cohort(population, index, mask, size=num_clients)
-        state, metrics = algorithm.apply(state, cohort, train_key)
-        return state, {**metrics, **extra}
+        return _train(algorithm, state, cohort, key, extra)
 
     return round_fn
+
+
+def _train(algorithm: FederatedAlgorithm, state, cohort: Cohort, key: jax.Array,
+           extra: dict):
+    """The round after sampling, wherever the cohort's data came from: the algorithm
+    gets the second half of the round key's split (the sampler drew with the first)."""
+    _, train_key = jax.random.split(key)
+    state, metrics = algorithm.apply(state, cohort, train_key)
+    return state, {**metrics, **extra}
 
 
 def build_cohort_round(algorithm: FederatedAlgorithm, *, num_clients: int) -> Callable:
@@ -291,10 +298,8 @@ def build_cohort_round(algorithm: FederatedAlgorithm, *, num_clients: int) -> Ca
 
     def round_fn(state, data: dict, sampled, key: jax.Array):
         index, mask, extra, rows = sampled
-        _, train_key = jax.random.split(key)
         cohort = make_cohort(data, index, mask, rows=rows, size=num_clients)
-        state, metrics = algorithm.apply(state, cohort, train_key)
-        return state, {**metrics, **extra}
+        return _train(algorithm, state, cohort, key, extra)
 
     return round_fn
 

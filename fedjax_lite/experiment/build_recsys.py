@@ -33,9 +33,7 @@ def build_ratings_data(config: Config) -> RecsysData:
     """The ratings of ``synthetic_ratings`` / ``movielens`` data, split per user, plus
     what the objective and the ranking metrics need."""
     d = config.data
-    # the data's seed (split, negatives): data.seed where the data kind has one, else the
-    # run's seed
-    seed = config.seed if getattr(d, "seed", None) is None else d.seed
+    seed = config.data_seed
     if d.kind == "movielens":
         from fedjax_lite.data.movielens import load_movielens
         split = load_movielens(d.path, split=d.split, test_fraction=d.test_fraction,

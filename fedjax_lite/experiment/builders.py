@@ -23,9 +23,8 @@ from fedjax_lite.models import Model, logistic_regression, multinomial_logistic_
 def build_data(config: Config) -> tuple[fdata.Population, fdata.Population]:
     """(train, test) populations; validated (raises ValueError naming the problem)."""
     d = config.data
-    # the data's seed (generation and train/test split): data.seed, else the run's seed,
-    # so runs with different seeds can share one population (a sweep's one program)
-    seed = config.seed if getattr(d, "seed", None) is None else d.seed
+    # the data's seed: runs with different seeds can share one population (a sweep)
+    seed = config.data_seed
     split_rng = np.random.default_rng([seed, 1])
 
     def split(pop):

@@ -31,6 +31,12 @@ CACHE_HELP = ("do not use JAX's persistent compilation cache (on by default, in 
               "same shapes then loads its programs instead of compiling them)")
 
 
+def _add_overrides(parser: argparse.ArgumentParser,
+                   help: str = "override a config value (repeatable)") -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY.PATH=VALUE", help=help)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedjax-lite",
                                 description="Federated learning simulation in JAX.")
@@ -38,8 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one experiment from a YAML config")
     r.add_argument("config", help="path to a YAML config")
     r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    _add_overrides(r)
     r.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -68,8 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target-accuracy", type=float, default=None,
                    help="report rounds to reach this eval accuracy")
     c.add_argument("--out", required=True, help="output folder")
-    c.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    _add_overrides(c)
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
     c.add_argument("--no-compile-cache", action="store_true", help=CACHE_HELP)
     c.add_argument("--resume", action="store_true",
@@ -80,8 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("config", help="path to a YAML config (its data section is used)")
     pr.add_argument("--out", required=True,
                     help="the folder to write; runs read it with data.prepared: DIR")
-    pr.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    _add_overrides(pr)
     w = sub.add_parser("sweep", help="run a grid of configurations x seeds; members that "
                                      "differ only in numeric hyper-parameters and seeds "
                                      "run as ONE vmapped program",
@@ -104,9 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(--set data.seed=0)")
     w.add_argument("--out", required=True, help="output folder: members/NAME/ per member, "
                                                 "comparison.md/.json, curves.png")
-    w.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY.PATH=VALUE", help="override a config value for every "
-                                                  "member (repeatable)")
+    _add_overrides(w, "override a config value for every member (repeatable)")
     w.add_argument("--no-progress", action="store_true", help="hide progress bars")
     w.add_argument("--no-compile-cache", action="store_true", help=CACHE_HELP)
     w.add_argument("--resume", action="store_true",

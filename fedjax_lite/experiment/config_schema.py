@@ -342,5 +342,12 @@ class Config:
         return self.aggregator.name in DP_AGGREGATORS
 
     @property
+    def data_seed(self) -> int:
+        """The data's seed (generation, splits, sampled negatives): ``data.seed`` where
+        the data kind has one and it is set, else the run's ``seed``."""
+        seed = getattr(self.data, "seed", None)
+        return self.seed if seed is None else seed
+
+    @property
     def num_classes(self) -> int:
         return getattr(self.model, "num_classes", 2)

@@ -41,6 +41,8 @@ from fedjax_lite.experiment.interrupt import Interrupted, Interrupts
 from fedjax_lite.experiment.outputs import (MetricsWriter, NullWriter, plot_curves,
                                             read_metrics, save_params, save_per_user,
                                             write_json)
+from fedjax_lite.experiment.window import EMPTY as EMPTY_WINDOW
+from fedjax_lite.experiment.window import add_round, metrics_row
 
 
 class DataError(ValueError):
@@ -96,7 +98,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from e
     where_data = storage.resolve(config, train)   # device | host | mmap
-    if recommender and where_data != "device" and config.algorithm.name != "fcf":
+    if where_data != "device" and config.algorithm.name in storage.DEVICE_ONLY:
         raise cfg.ConfigError(
             f"config key 'data.storage': {where_data} storage is available to fcf among "
             f"the recommenders (its private factors follow the ratings to the host); "
@@ -227,8 +229,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
 
     start, elapsed_before = 0, 0.0
     writer_keep = None
-    empty_window = {"loss": 0.0, "rounds": 0, "time": 0.0, "extra": {}}
-    window = dict(empty_window)
+    window = dict(EMPTY_WINDOW)
     if resume:
         start, state, _, meta = ckpt.restore(state, run_key)
         if others := distributed.differing([start, meta.get("state_sha256")]):
@@ -264,18 +265,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                        for k in ("loss", "accuracy")})
         if not math.isfinite(ev["eval_loss"]):
             raise DivergenceError(f"non-finite eval loss at round {round_num}")
-        timed = window["rounds"] and show_loss   # round times depend on client data sizes
-        row = {"round": round_num,
-               "train_loss": (window["loss"] / window["rounds"]) if timed else None,
-               **ev, "wall_s": wall(),
-               "clients_per_s": (C * window["rounds"] / window["time"]) if timed else None,
-               "round_s": (window["time"] / window["rounds"]) if timed else None}
-        # other round metrics (attackers in cohort, reporting clients, ...): window means,
-        # except counts of events, which are totals
-        for k, v in sorted(window["extra"].items()):
-            row[k] = v if k == "rounds_without_reports" else v / max(window["rounds"], 1)
-        if ledger is not None:
-            row["epsilon"] = ledger.epsilon(round_num)
+        row = metrics_row(window, round_num, ev, wall(), C, show_loss, ledger)
         writer.write(row)
         return row
 
@@ -285,7 +275,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     last_row = None
     if start == 0:
         last_row = eval_row(0, state, window)
-    bar = _progress(config.rounds, start, progress)
+    bar = progress_bar(config.rounds, start, progress)
     last_saved = start if resume else None
     if interrupts is not None:
         interrupts.out_dir = out_dir
@@ -336,23 +326,13 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                     f"{r + 1}; stopped, the last good state (after round {r}) is "
                     f"checkpointed in {ckpt.directory}")
             state, done = new_state, r + 1
-            extra = dict(window["extra"])
-            for k, v in (privacy_run.private_metrics(metrics, config) if config.is_private
-                         else metrics).items():
-                if k not in ("train_loss", "sampling_overflow") and getattr(v, "ndim", 1) == 0:
-                    extra[k] = extra.get(k, 0.0) + float(v)
-            if show_loss and "reporting_clients" in metrics and int(
-                    metrics["reporting_clients"]) == 0:
-                extra["rounds_without_reports"] = extra.get("rounds_without_reports", 0) + 1
-                if primary:
-                    bar.write(f"round {done}: no sampled client reported; model unchanged")
-            window = {"loss": window["loss"] + (loss if show_loss else 0.0),
-                      "rounds": window["rounds"] + 1,
-                      "time": window["time"] + dt, "extra": extra}
+            window, silent = add_round(window, metrics, loss, dt, config, show_loss)
+            if silent and primary:
+                bar.write(f"round {done}: no sampled client reported; model unchanged")
             total = {"rounds": total["rounds"] + 1, "time": total["time"] + dt}
             if done % config.eval_every == 0 or done == config.rounds:
                 last_row = eval_row(done, state, window)
-                window = dict(empty_window)
+                window = dict(EMPTY_WINDOW)
                 shown = ({"loss": f"{loss:.4f}", "last_round_cps": f"{C / dt:,.0f}"}
                          if show_loss
                          else {"eps": f"{last_row.get('epsilon') or float('inf'):.3g}"})
@@ -444,9 +424,10 @@ def check_static_cohort(config: cfg.Config, cohort: int) -> None:
         raise cfg.ConfigError(f"config key {e}") from None
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "rounds"):
+    """The rounds' progress bar on stderr (also a sweep group's)."""
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="rounds",
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc,
                 unit="round", dynamic_ncols=True, mininterval=0.5)
 
 

@@ -3,17 +3,21 @@
 - ``device``: on the device(s) for the whole run; a round samples and gathers its cohort
   inside the compiled program (:func:`fedjax_lite.core.build_round`).
 - ``host``: in host memory. Round r's cohort is drawn by the same sampler on the device
-  (:func:`fedjax_lite.core.round.build_sampler`: only the round number and key enter),
-  its rows are gathered on the host and transferred, and the round runs on just those
-  rows (:func:`fedjax_lite.core.round.build_cohort_round`). While round r computes, a
-  background thread already draws, gathers and transfers round r + 1's cohort (double
-  buffering), so the device does not wait for the host when compute dominates.
-- ``mmap``: like host, but the population is read from memory-mapped ``.npy`` files
-  (:mod:`fedjax_lite.data.prepared`) -- ``data.prepared``, or ``OUT/prepared`` written on
-  the first run -- so it may be larger than RAM; evaluation streams the test clients
-  through the device in blocks.
-- ``auto``: ``mmap`` when ``data.prepared`` is given, else ``device`` when the population
-  fits the device budget (:func:`device_budget`), else ``host``.
+  (:func:`fedjax_lite.core.sampling.build_sampler`: only the round number and key enter;
+  32 rounds at a time), its rows are gathered on the host and transferred, and the round
+  runs on just those rows (:func:`fedjax_lite.core.round.build_cohort_round`). While
+  round r computes, a background thread gathers and transfers round r + 1's cohort
+  (double buffering).
+- ``mmap``: like host, but the population is read from ``.npy`` files, only the rows a
+  round needs (:mod:`fedjax_lite.data.prepared`) -- ``data.prepared``, or
+  ``OUT/prepared`` written on the first run -- so it may be larger than RAM; evaluation
+  streams the test clients through the device in blocks.
+- ``auto``: ``mmap`` when a prepared folder is given, else ``device`` when the
+  population fits the device budget (:func:`device_budget`), else ``host``.
+
+Population-sized client state follows the population (:class:`HostRounds`). The
+recommenders in :data:`DEVICE_ONLY` evaluate from the whole population and keep it on
+the device.
 
 The cohort, its keys, client state and every computation are the same in all three, so
 the trained models are identical (tested bitwise); mmap's blocked evaluation sums its
@@ -34,6 +38,9 @@ from fedjax_lite.core import client_state, round_key
 from fedjax_lite.data import Population
 from fedjax_lite.data import prepared as prep
 from fedjax_lite.experiment import config as cfg
+
+# recommenders whose evaluation reads the whole population (fcf reads stored factors)
+DEVICE_ONLY = ("fedrecon", "centralized", "local_only")
 
 # shares of memory a population may take when ``auto`` puts it on the device: on a CPU
 # the "device" copy is a second copy in RAM (the host arrays stay alive for outputs)
@@ -64,15 +71,10 @@ def fingerprint(config: cfg.Config) -> dict:
     data = dict(cfg.to_dict(config)["data"])
     for k in ("storage", "prepared", "seed"):
         data.pop(k, None)
-    data["seed"] = data_seed(config)
+    data["seed"] = config.data_seed
     if "test_split" in data:
         data["test_split"] = test_split(config)
     return data
-
-
-def data_seed(config: cfg.Config) -> int:
-    seed = getattr(config.data, "seed", None)
-    return config.seed if seed is None else seed
 
 
 def requested(config: cfg.Config) -> str:
@@ -86,8 +88,8 @@ def resolve(config: cfg.Config, train: Population | None) -> str:
         return kind
     if getattr(config.data, "prepared", None) or config.data.kind == "prepared":
         return "mmap"
-    if (config.engine.compile_rounds > 1 or train is None or config.algorithm.name in
-            ("fedrecon", "centralized", "local_only")):    # these need device storage
+    if (config.engine.compile_rounds > 1 or train is None
+            or config.algorithm.name in DEVICE_ONLY):
         return "device"
     return "device" if prep.population_bytes(train) <= device_budget() else "host"
 
@@ -106,10 +108,7 @@ def load(config: cfg.Config, out_dir: str, build: Callable[[], tuple]) -> tuple:
         folder = os.path.join(out_dir, "prepared")
         meta = prep.read_meta(folder)
         if meta is None or prep.fingerprint_mismatch(meta, want):
-            train, test = build()
-            os.makedirs(folder, exist_ok=True)
-            prep.write_prepared(folder, train, test, want)
-            del train, test
+            _write(folder, build, want)
     elif not os.path.isdir(folder):
         raise FileNotFoundError(f"config key 'data.prepared': {folder} does not exist "
                                 "(make it with `fedjax-lite prepare CONFIG --out DIR`)")
@@ -121,6 +120,13 @@ def load(config: cfg.Config, out_dir: str, build: Callable[[], tuple]) -> tuple:
         train, test = (Population(np.asarray(p.x), np.asarray(p.y), p.n, p.client_ids)
                        for p in (train, test))
     return train, test
+
+
+def _write(folder: str, build: Callable[[], tuple], want: dict) -> None:
+    """Builds the (train, test) populations and writes them into ``folder``."""
+    train, test = build()
+    os.makedirs(folder, exist_ok=True)
+    prep.write_prepared(folder, train, test, want)
 
 
 def prepare(config: cfg.Config, folder: str) -> dict:
@@ -136,10 +142,7 @@ def prepare(config: cfg.Config, folder: str) -> dict:
         raise ValueError(f"{folder} already holds data prepared from another config "
                          f"({why}); choose another --out")
     if meta is None:
-        train, test = build_data(config)
-        os.makedirs(folder, exist_ok=True)
-        prep.write_prepared(folder, train, test, want)
-        del train, test
+        _write(folder, lambda: build_data(config), want)
     train, test = prep.open_prepared(folder, want)
     return {"prepared": folder, "up_to_date": meta is not None,
             "train_clients": train.num_clients, "test_clients": test.num_clients,
@@ -334,5 +337,5 @@ def blocked_evaluate(evaluate_sums: Callable, finish: Callable, test: Population
     return evaluate
 
 
-__all__ = ["HostRounds", "blocked_evaluate", "data_seed", "device_budget", "fingerprint",
+__all__ = ["HostRounds", "blocked_evaluate", "device_budget", "fingerprint",
            "load", "prepare", "put_sharded", "requested", "resolve", "shard_population"]

@@ -200,11 +200,6 @@ def vmappable_key(key: str) -> bool:
     return (optimizer and len(parts) == 3 and parts[2] != "name") or key in VMAPPABLE
 
 
-def data_seed(config: cfg.Config) -> int:
-    seed = getattr(config.data, "seed", None)
-    return config.seed if seed is None else seed
-
-
 def not_vmappable_reason(config: cfg.Config) -> str | None:
     """Why a member cannot join a vmapped program (None: it can)."""
     import jax
@@ -234,7 +229,7 @@ def signature(config: cfg.Config) -> tuple:
         elif key == "seed" and seed_free:
             continue
         sig.append((key, repr(value)))
-    return tuple(sig) + (("<data seed>", repr(data_seed(config))),)
+    return tuple(sig) + (("<data seed>", repr(config.data_seed)),)
 
 
 def group_members(members: list[Member]) -> list[list[Member]]:
@@ -359,10 +354,7 @@ def _group_data(member: Member):
 def _on_device(config: cfg.Config, train) -> bool:
     """Whether the member's own run keeps the population on the device (``data.storage``
     resolved as the runner resolves it)."""
-    try:
-        from fedjax_lite.experiment import storage
-    except ImportError:        # a checkout without data.storage: always on the device
-        return True
+    from fedjax_lite.experiment import storage
     return storage.resolve(config, train) == "device"
 
 

@@ -36,6 +36,8 @@ from fedjax_lite.experiment import distributed
 from fedjax_lite.experiment.builders import (build_algorithm, build_model, cohort_bound,
                                              engine_options)
 from fedjax_lite.experiment.swept import Swept, not_vmappable
+from fedjax_lite.experiment.window import add_round as add_window_round
+from fedjax_lite.experiment.window import metrics_row
 
 NOISE_KEY = "aggregator.noise_multiplier"
 
@@ -222,39 +224,17 @@ def params_finite(params) -> np.ndarray:
 
 
 def member_row(track, round_num: int, ev: dict, wall: float, C: int) -> dict:
-    """The runner's metrics row for one member, from its window (see runner.eval_row)."""
-    w = track.window
-    timed = w["rounds"] and track.show_loss
-    row = {"round": round_num,
-           "train_loss": (w["loss"] / w["rounds"]) if timed else None,
-           **ev, "wall_s": wall,
-           "clients_per_s": (C * w["rounds"] / w["time"]) if timed else None,
-           "round_s": (w["time"] / w["rounds"]) if timed else None}
-    for k, v in sorted(w["extra"].items()):
-        row[k] = v if k == "rounds_without_reports" else v / max(w["rounds"], 1)
-    if track.ledger is not None:
-        row["epsilon"] = track.ledger.epsilon(round_num)
-    return row
+    """The runner's metrics row for one member, from its window."""
+    return metrics_row(track.window, round_num, ev, wall, C, track.show_loss, track.ledger)
 
 
 def add_round(track, metrics: dict, loss: float, dt: float, note) -> None:
     """Adds one round's metrics to a member's window (the runner's rule)."""
-    config = track.config
-    extra = dict(track.window["extra"])
-    if config.is_private:
-        from fedjax_lite.experiment import privacy_run
-        metrics = privacy_run.private_metrics(metrics, config)
-    for k, v in metrics.items():
-        if k not in ("train_loss", "sampling_overflow") and getattr(v, "ndim", 1) == 0:
-            extra[k] = extra.get(k, 0.0) + float(v)
-    if track.show_loss and "reporting_clients" in metrics and int(
-            metrics["reporting_clients"]) == 0:
-        extra["rounds_without_reports"] = extra.get("rounds_without_reports", 0) + 1
+    track.window, silent = add_window_round(track.window, metrics, loss, dt,
+                                            track.config, track.show_loss)
+    if silent:
         note(f"{track.name}: round {track.done + 1}: no sampled client reported; "
              "model unchanged")
-    w = track.window
-    track.window = {"loss": w["loss"] + (loss if track.show_loss else 0.0),
-                    "rounds": w["rounds"] + 1, "time": w["time"] + dt, "extra": extra}
 
 
 def stop_reason(track, r: int, metrics: dict, finite_params: bool, bound: int,

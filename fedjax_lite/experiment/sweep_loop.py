@@ -23,10 +23,10 @@ from fedjax_lite.experiment import config as cfg
 from fedjax_lite.experiment.checkpoint import CheckpointError, Checkpointer
 from fedjax_lite.experiment.interrupt import Interrupted
 from fedjax_lite.experiment.outputs import MetricsWriter, read_metrics, save_params, write_json
+from fedjax_lite.experiment.runner import progress_bar
 from fedjax_lite.experiment.sweep_group import (add_round, member_row, params_finite,
                                                 stop_reason)
-
-EMPTY_WINDOW = {"loss": 0.0, "rounds": 0, "time": 0.0, "extra": {}}
+from fedjax_lite.experiment.window import EMPTY as EMPTY_WINDOW
 
 
 class Track:
@@ -81,7 +81,7 @@ def run_group(p, out_dir: str, group_name: str, *, resume: bool, progress: bool,
     for t in tracks:
         t.writer = MetricsWriter(os.path.join(t.folder, "metrics.jsonl"),
                                  keep_until=start if resumed else None)
-    bar = _progress(rounds, start, progress, f"{M} members")
+    bar = progress_bar(rounds, start, progress, f"{M} members")
     note = bar.write if progress else (lambda msg: print(f"fedjax-lite sweep: {msg}",
                                                         file=sys.stderr))
     t_start = time.perf_counter()
@@ -200,12 +200,6 @@ def _finish(t: Track, i: int, p, params, group_name: str, names: list, total: di
     }
     write_json(os.path.join(t.folder, "summary.json"), summary)
     return summary
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc,
-                unit="round", dynamic_ncols=True, mininterval=0.5)
 
 
 __all__ = ["run_group"]
