@@ -195,6 +195,14 @@ def test_grouping_follows_the_data_seed():
     assert len(group_members(plan(attacked, [], "0,1"))) == 2   # attackers follow the seed
 
 
+def test_members_evaluated_on_their_training_data_run_alone():
+    """eval.train rows come from the runner: such members are not vmapped."""
+    from fedjax_lite.experiment.sweep import not_vmappable_reason
+    (member,) = plan({**BASE, "eval": {"train": True}}, [], "0")
+    assert "eval.train" in not_vmappable_reason(member.config)
+    assert not_vmappable_reason(plan(BASE, [], "0")[0].config) is None
+
+
 def test_member_names():
     assert short_names(["algorithm.client_optimizer.learning_rate", "algorithm.mu"]) == {
         "algorithm.client_optimizer.learning_rate": "lr", "algorithm.mu": "mu"}

@@ -214,6 +214,8 @@ def not_vmappable_reason(config: cfg.Config) -> str | None:
         return "the population is not on the device (data.storage)"
     if jax.process_count() > 1:
         return "several processes"
+    if config.eval.train:
+        return "eval.train evaluates each run on its own training data"
     return None
 
 
