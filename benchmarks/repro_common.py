@@ -92,6 +92,57 @@ def run_variant(raw: dict, tmp: str, label: str, *, seeds: int,
     return out
 
 
+def run_grid(raw: dict, tmp: str, label: str, *, key: str, values, seeds: int,
+             target: float | None = None, log=print) -> dict:
+    """``raw`` at every value of ``key`` x ``seeds`` seeds as ONE ``fedjax-lite sweep``
+    (the members differ only in a number, so they run vmapped in one compiled program);
+    returns {value: the dict :func:`run_variant` returns for that value}. A member that
+    diverges stops early (its curves end there) and never counts as reaching the target
+    after it stopped."""
+    from fedjax_lite.experiment.compare import rounds_to_target
+    from fedjax_lite.experiment.outputs import read_metrics
+    from fedjax_lite.experiment.sweep import plan, sweep
+    folder = os.path.join(tmp, "".join(c if c.isalnum() else "_" for c in label))
+    texts = [f"{v:g}" for v in values]
+    grid = f"{key}={','.join(texts)}"
+    base_seed = int(raw.get("seed", 0))
+    seed_text = ",".join(str(base_seed + k) for k in range(seeds))
+    t0 = time.perf_counter()
+    doc = sweep(raw, folder, grids=[grid], seeds=seed_text, progress=False)
+    wall = time.perf_counter() - t0
+    vmapped = [u["members"] for u in doc.get("groups", []) if u.get("vmapped")]
+    members = plan(raw, [grid], seed_text)
+    out = {}
+    for value, text in zip(values, texts):
+        mine = [m for m in members if m.label.split("=", 1)[1] == text]
+        curves, reached, stopped = [], [], 0
+        for m in mine:
+            rows = read_metrics(os.path.join(folder, "members", m.name, "metrics.jsonl"))
+            rows = [r for r in rows if r.get("eval_accuracy") is not None]
+            summary = json.loads(open(os.path.join(folder, "members", m.name,
+                                                   "summary.json")).read())
+            stopped += bool(summary.get("stopped"))
+            curves.append({"seed": m.config.seed, "round": [r["round"] for r in rows],
+                           **{k: [r.get(k) for r in rows]
+                              for k in ("eval_accuracy", "eval_loss", "train_loss",
+                                        "eval_train_loss")}})
+            reached.append(rounds_to_target(rows, target))
+        short = {"learning_rate": "lr"}.get(key.rsplit(".", 1)[-1], key.rsplit(".", 1)[-1])
+        v = {"label": f"{label} {short}={text}",
+             "config": {**raw, "_grid": {key: value}}, "seeds": [c["seed"] for c in curves],
+             "curves": curves, "rounds_to_target": reached, "stopped": stopped,
+             "value": value, "wall_s": wall / len(values),
+             "vmapped_with": len(vmapped[0]) if vmapped else 1}
+        acc = [c["eval_accuracy"][-1] for c in curves]
+        log(f"    {v['label']:<44s} final acc {np.mean(acc):.4f} ± {np.std(acc):.4f}"
+            + (f"  rounds to {target:g}: {reached}" if target else "")
+            + (f"  ({stopped} stopped: diverged)" if stopped else ""))
+        out[value] = v
+    log(f"    ({len(members)} members, {len(vmapped)} vmapped program(s), {wall:.0f} s)")
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
 def final(v: dict, key: str = "eval_accuracy") -> tuple[float, float]:
     """Mean and std over seeds of the last row's ``key``."""
     vals = [c[key][-1] for c in v["curves"]]
