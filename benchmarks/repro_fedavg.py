@@ -23,7 +23,7 @@ from repro_common import (REPO, band, command_line, final, load_config, Recorder
 FULL = 10_000                          # a batch size above every client's size: B = inf
 TARGET = 0.97
 FEDSGD_LRS = (0.1, 0.3, 0.6)           # FedSGD's server learning rate
-FEDAVG_LRS = (0.03, 0.1, 0.3)          # FedAvg's client learning rate, tuned per row
+FEDAVG_LRS = (0.03, 0.1, 0.3, 0.6)     # FedAvg's client learning rate, tuned per row
 # McMahan et al. 2017, Table 2, MNIST CNN, target 99% test accuracy: rounds (speedup over
 # FedSGD), IID and pathological non-IID; u = E n / B with n = 600 (their Table 2).
 ROWS = [   # (E, B, paper u, paper IID rounds, paper non-IID rounds)
