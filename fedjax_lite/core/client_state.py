@@ -37,8 +37,9 @@ from fedjax_lite.core.round import Cohort
 ClientState = Any   # pytree, every leaf with leading axis K (population rows)
 
 # the names of population-sized client-state fields in the algorithms' states: SCAFFOLD's
-# control variates, error-feedback residuals, FCF's private user factors
-FIELDS = ("client_c", "residuals", "private")
+# control variates, error-feedback residuals, FCF's private user factors, Ditto's personal
+# models
+FIELDS = ("client_c", "residuals", "private", "personal")
 
 
 def zeros(num_clients: int, like: Any) -> ClientState:

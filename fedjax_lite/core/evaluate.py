@@ -13,14 +13,17 @@ from fedjax_lite.core.round import EngineOptions, make_cohort, map_cohort
 from fedjax_lite.models.base import Model
 
 
-def build_evaluate_sums(model: Model, engine: EngineOptions = EngineOptions(chunk_size=256)
-                        ) -> Callable:
+def build_evaluate_sums(model: Model, engine: EngineOptions = EngineOptions(chunk_size=256),
+                        *, per_client_params: bool = False) -> Callable:
     """``sums(params, data) -> dict`` of additive sums over the clients of ``data``
     (``{x, y, n}``): example-weighted loss and correct counts, per-client means and
     counts; :func:`finish_evaluate` turns sums (of one population, or added over blocks
     of one) into the metrics. A client's examples go through the model in blocks when
     the chunk's all at once would hold too much memory (a CNN's; not a linear model's:
-    :mod:`fedjax_lite.core.example_blocks`)."""
+    :mod:`fedjax_lite.core.example_blocks`).
+
+    ``per_client_params``: ``params`` has a leading axis of one row per client of
+    ``data`` (personal models, e.g. Ditto's), and client k is evaluated with row k."""
 
     def one_client(params, x, y, n, block):
         def client_sums(x, y, mask):
@@ -31,16 +34,23 @@ def build_evaluate_sums(model: Model, engine: EngineOptions = EngineOptions(chun
         return sum_over_blocks(client_sums, (x, y, jnp.arange(x.shape[0]) < n), block)
 
     def chunk_fn(params):
-        def run(x, y, n):      # a chunk, x [K, N, ...]: examples in bounded blocks
+        def run(x, y, n, *own):  # a chunk, x [K, N, ...]: examples in bounded blocks
             one = jax.ShapeDtypeStruct(x.shape[2:], x.dtype)
+            like = jax.tree.map(lambda a: a[0], own[0]) if own else params
             block = block_size(lambda p, e: model.apply(p, e[None]),
-                               (abstract(params), one), x.shape[1], x.shape[0])
+                               (abstract(like), one), x.shape[1], x.shape[0])
+            if own:            # each client its own row of the params
+                return jax.vmap(lambda x, y, n, p: one_client(p, x, y, n, block))(
+                    x, y, n, own[0])
             return jax.vmap(lambda x, y, n: one_client(params, x, y, n, block))(x, y, n)
         return run
 
     def sums(params, data):
         everyone = make_cohort(data, jnp.arange(data["n"].shape[0]))
-        loss, correct = map_cohort(chunk_fn(params), everyone, (), engine)
+        if per_client_params:
+            loss, correct = map_cohort(chunk_fn(None), everyone, (params,), engine)
+        else:
+            loss, correct = map_cohort(chunk_fn(params), everyone, (), engine)
         n = data["n"].astype(jnp.float32)
         has = n > 0
         per = jnp.maximum(n, 1.0)

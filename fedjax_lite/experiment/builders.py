@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 from fedjax_lite import data as fdata
-from fedjax_lite.algorithms import fedavg, fednova, fedprox, fedsgd, scaffold
+from fedjax_lite.algorithms import ditto, fedavg, fednova, fedprox, fedsgd, scaffold
 from fedjax_lite.core import (EngineOptions, FederatedAlgorithm, aggregators, client_mesh,
                               compression)
 from fedjax_lite.core.aggregators import Aggregator
@@ -289,6 +289,10 @@ def build_algorithm(config: Config, model: Model, engine: EngineOptions, *,
                        **local, **common)
     if a.name == "fedsgd":
         return fedsgd(model, server_optimizer=server_tx, weighting=a.weighting, **common)
+    if a.name == "ditto":
+        return ditto(model, num_clients=num_clients, client_optimizer=client_tx,
+                     server_optimizer=server_tx, lam=a.lam, personal_epochs=a.personal_epochs,
+                     weighting=a.weighting, **local, **common)
     if a.name == "fednova":
         return fednova(model, client_optimizer=client_tx, server_optimizer=server_tx,
                        weighting=a.weighting, **local, **common)

@@ -314,6 +314,8 @@ def parse(raw: dict) -> Config:
         raise ConfigError(f"config key 'algorithm.client_optimizer.name': {name} is defined "
                           f"for plain client SGD, got "
                           f"{config.algorithm.client_optimizer.name!r}")
+    if name == "ditto":
+        _check_personal(config)
     if config.model.kind == "logistic_regression" and getattr(config.data, "num_classes", 2) != 2:
         raise ConfigError("config key 'model.kind': logistic_regression is binary but "
                           f"data.num_classes={config.data.num_classes}; use "
@@ -408,6 +410,22 @@ def _check_recommendation(config: Config) -> None:
                 "says the metrics are non-private diagnostics)")
 
 
+def _check_personal(config: Config) -> None:
+    """Ditto evaluates client k's personal model on client k's own test examples: the test
+    population must hold the training clients, row by row."""
+    d = config.data
+    split = getattr(d, "test_split", None)
+    if getattr(d, "test_path", None) or split == "examples" or (
+            split == "auto" and not config.is_private):
+        return
+    why = ("data.test_split is 'clients' (whole clients held out)" if split is not None
+           else f"data kind {d.kind!r} holds out its own test clients")
+    raise ConfigError(f"config key 'algorithm.name': ditto evaluates each training "
+                      f"client's personal model on that client's own held-out examples, "
+                      f"but {why}; use data.test_split: examples (synthetic, npz and leaf "
+                      f"data)")
+
+
 # Algorithms whose server update uses client data outside the aggregator, so a DP
 # aggregator would not cover it (issue: SCAFFOLD's server control variate is the plain mean
 # of the clients' control-variate updates; FedNova rescales the noised update by tau_eff,
@@ -428,6 +446,11 @@ def _check_private(config: Config, raw: dict) -> None:
         raise ConfigError(f"config key 'algorithm.name': {algo.name} cannot be combined with "
                           f"aggregator {agg.name}: {NOT_PRIVATE_WITH_DP[algo.name]}; use "
                           "fedavg, fedprox, fedsgd or a FedOpt variant")
+    if algo.name == "ditto" and not privacy.nonprivate_diagnostics:
+        raise ConfigError("config key 'algorithm.name': ditto's personal models are trained "
+                          "on each client's data outside the DP mechanism (only the global "
+                          "update goes through it), so their evaluation is a non-private "
+                          "diagnostic; set privacy.nonprivate_diagnostics: true to run")
     if config.eval.train and not privacy.nonprivate_diagnostics:
         raise ConfigError("config key 'eval.train': the loss on the training clients is "
                           "computed from their data outside the DP mechanism; set "

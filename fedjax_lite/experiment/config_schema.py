@@ -95,7 +95,7 @@ class OptimizerConfig:
 
 
 ALGORITHMS = ("fedavg", "fedsgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox",
-              "scaffold", "fednova", "fcf", "fedrecon", "centralized", "local_only")
+              "scaffold", "fednova", "ditto", "fcf", "fedrecon", "centralized", "local_only")
 # centralized (all ratings pooled) and local_only (every user alone): the non-federated
 # upper and lower references of a recommender, on the same model, data and round loop
 RECOMMENDATION_ALGORITHMS = ("fcf", "fedrecon", "centralized", "local_only")
@@ -118,7 +118,8 @@ SERVER_OPTIMIZER_OF = {
 }
 # keys that only some algorithms take (absent = the algorithm's default)
 ALGORITHM_ONLY_KEYS = {"mu": ("fedprox",), "straggler_fraction": ("fedprox",),
-                       "drop_stragglers": ("fedprox",),
+                       "drop_stragglers": ("fedprox",), "lam": ("ditto",),
+                       "personal_epochs": ("ditto",),
                        "item_aggregation": ("fcf", "fedrecon"), "recon_steps": ("fedrecon",),
                        "support_fraction": ("fedrecon",)}
 # keys that only some sampling kinds take
@@ -147,6 +148,12 @@ class AlgorithmConfig:
     straggler_fraction: float = field(default=0.0, metadata=_check(
         lambda v: 0 <= v <= 1, "a number in [0, 1]"))          # fedprox
     drop_stragglers: bool = False                               # fedprox
+    # ditto: the pull lam of each personal model to the global one, and the epochs E_p of
+    # its update (null: local_epochs)
+    lam: float = field(default=0.1, metadata=_NONNEG)
+    personal_epochs: Union[int, None] = field(default=None, metadata=_check(
+        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        "null or an integer >= 1"))
     # fcf: an item's delta is the mean over the users who rated it ('raters') or the sum
     # over all reporting users' weights ('all'; the one DP uses, with a fixed denominator)
     item_aggregation: Literal["raters", "all"] = "raters"

@@ -98,11 +98,18 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     except (ValueError, FileNotFoundError) as e:
         raise DataError(str(e)) from e
     where_data = storage.resolve(config, train)   # device | host | mmap
+    if config.algorithm.name == "ditto" and test.num_clients != train.num_clients:
+        raise DataError(f"ditto evaluates client k's personal model on test client k, but "
+                        f"the test data has {test.num_clients} clients and the training "
+                        f"data {train.num_clients}"
+                        + (f" ({config.data.test_path})" if getattr(
+                            config.data, "test_path", None) else ""))
     if where_data != "device" and config.algorithm.name in storage.DEVICE_ONLY:
         raise cfg.ConfigError(
-            f"config key 'data.storage': {where_data} storage is available to fcf among "
-            f"the recommenders (its private factors follow the ratings to the host); "
-            f"{config.algorithm.name} evaluates from the whole population: use device")
+            f"config key 'data.storage': {where_data} storage is not available to "
+            f"{config.algorithm.name}: it evaluates from the whole population"
+            + (" (its personal models)" if config.algorithm.name == "ditto" else "")
+            + "; use device (among the recommenders fcf runs with host storage)")
     if where_data != "device" and config.engine.compile_rounds > 1:
         raise cfg.ConfigError(
             f"config key 'engine.compile_rounds': {config.engine.compile_rounds} rounds "
@@ -223,6 +230,11 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             blocked_train = storage.blocked_evaluate(
                 build_evaluate_sums(model, eval_engine), finish_evaluate, train, put)
             train_evaluate = lambda st: blocked_train(st.params)
+    personal_evaluate = None  # ditto: client k's personal model on client k's test data
+    if getattr(state, "personal", None) is not None:
+        on_own = jit(build_evaluate_sums(model, eval_engine, per_client_params=True)).lower(
+            state.personal, test_data).compile()
+        personal_evaluate = lambda st: finish_evaluate(on_own(st.personal, test_data))
     compile_s = time.perf_counter() - t0
     if progress:
         print(f"fedjax-lite: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
@@ -263,6 +275,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
             on_train = train_evaluate(st)
             ev.update({f"eval_train_{k}": float(on_train[f"eval_{k}"])
                        for k in ("loss", "accuracy")})
+        if personal_evaluate is not None:
+            ev.update({f"eval_personal_{k[5:]}": float(v)
+                       for k, v in personal_evaluate(st).items()})
         if not math.isfinite(ev["eval_loss"]):
             raise DivergenceError(f"non-finite eval loss at round {round_num}")
         row = metrics_row(window, round_num, ev, wall(), C, show_loss, ledger)

@@ -16,8 +16,8 @@
   population fits the device budget (:func:`device_budget`), else ``host``.
 
 Population-sized client state follows the population (:class:`HostRounds`). The
-recommenders in :data:`DEVICE_ONLY` evaluate from the whole population and keep it on
-the device.
+recommenders in :data:`DEVICE_ONLY` and Ditto (its personal models) evaluate from the
+whole population and keep it on the device.
 
 The cohort, its keys, client state and every computation are the same in all three, so
 the trained models are identical (tested bitwise); mmap's blocked evaluation sums its
@@ -40,7 +40,7 @@ from fedjax_lite.data import prepared as prep
 from fedjax_lite.experiment import config as cfg
 
 # recommenders whose evaluation reads the whole population (fcf reads stored factors)
-DEVICE_ONLY = ("fedrecon", "centralized", "local_only")
+DEVICE_ONLY = ("fedrecon", "centralized", "local_only", "ditto")
 
 # shares of memory a population may take when ``auto`` puts it on the device: on a CPU
 # the "device" copy is a second copy in RAM (the host arrays stay alive for outputs)

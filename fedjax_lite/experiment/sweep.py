@@ -216,6 +216,8 @@ def not_vmappable_reason(config: cfg.Config) -> str | None:
         return "several processes"
     if config.eval.train:
         return "eval.train evaluates each run on its own training data"
+    if config.algorithm.name == "ditto":
+        return "ditto evaluates each run's personal models"
     return None
 
 
