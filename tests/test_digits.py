@@ -63,6 +63,29 @@ def test_test_split_is_stratified_and_shared_by_every_partition(reference, test_
     assert not np.array_equal(tests[0], other)
 
 
+def test_per_client_test_split_holds_each_clients_own_examples(reference):
+    """test_split 'examples': test client k holds round(test_fraction * n_k) of client
+    k's own examples (at least one left for training); train and test together hold
+    every digit once, and the label skew of a client is in its test part too."""
+    images, target = reference
+    train, test = federated_digits(num_clients=20, partition_kind="dirichlet", alpha=0.1,
+                                   test_fraction=0.25, seed=2, test_split="examples")
+    assert train.num_clients == test.num_clients == 20
+    got = np.concatenate([_examples(train), _examples(test)])
+    want = np.column_stack([images.reshape(1797, 64), target])
+    np.testing.assert_array_equal(got[np.lexsort(got.T[::-1])],
+                                  want[np.lexsort(want.T[::-1])])
+    whole = train.n + test.n
+    np.testing.assert_array_equal(test.n, np.minimum(np.rint(0.25 * whole), whole - 1))
+    for k in range(20):             # a test label is one the client trains on (alpha 0.1)
+        if test.n[k]:
+            seen = set(train.y[k, :train.n[k]].tolist())
+            share = np.mean([c in seen for c in test.y[k, :test.n[k]]])
+            assert share >= 0.5, (k, share)
+    with pytest.raises(ValueError, match="test_split"):
+        federated_digits(num_clients=5, test_split="clients")
+
+
 def test_partitions_shape_the_label_mix():
     def labels_per_client(kind, **kw):
         train, _ = federated_digits(num_clients=36, partition_kind=kind, seed=0, **kw)
@@ -127,7 +150,7 @@ def test_config_round_trip_and_data_seed():
     ({"partition": "iid"}, None, r"config key 'data.partition': expected a mapping"),
     ({"test_fraction": 0}, None, r"config key 'data.test_fraction': got 0.0, expected a "
                                  r"number in \(0, 1\)"),
-    ({"test_split": "clients"}, None, r"unknown config key 'data.test_split'"),
+    ({"test_split": "clients"}, None, r"'data.test_split'.*pooled"),
     ({}, {"kind": "multinomial_logistic_regression", "num_classes": 9},
      r"^config key 'model.num_classes': got 9, but sklearn_digits has 10 classes"),
     ({}, {"kind": "logistic_regression"},

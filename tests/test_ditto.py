@@ -254,7 +254,8 @@ def test_a_run_reports_personal_metrics_and_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"data": {**RUN["data"], "test_split": "clients"}}, "'algorithm.name': ditto"),
-    ({"data": {"kind": "sklearn_digits", "num_clients": 10}}, "holds out its own test"),
+    ({"data": {"kind": "sklearn_digits", "num_clients": 10}}, "'pooled' (test clients"),
+    ({"data": {"kind": "movielens", "path": "/nonexistent"}}, "holds out its own test"),
     ({"data": {**RUN["data"], "storage": "host"}}, "'data.storage'"),
     ({"algorithm": {**RUN["algorithm"], "lam": -1}}, "'algorithm.lam'"),
     ({"algorithm": {**RUN["algorithm"], "personal_epochs": 0}}, "'algorithm.personal_epochs'"),

@@ -4,7 +4,8 @@
 values 0..16), shipped inside scikit-learn -- nothing is downloaded. Features are
 float32[8, 8] scaled to [0, 1] (divided by 16), labels int 0..9.
 
-A stratified test split of ``test_fraction`` is held out first (per class:
+``test_split="pooled"`` (the default): a stratified test split of ``test_fraction`` is
+held out first (per class:
 ``round(test_fraction * count)`` examples chosen at random); it depends only on the
 seed and ``test_fraction``, so every partition of the training part is evaluated on the
 same examples. The test set is cut into clients of at most :data:`TEST_CLIENT_SIZE`
@@ -12,6 +13,12 @@ examples (evaluation is example-weighted, so how it is cut does not change the m
 small clients keep the padded test arrays small). The training part is spread over
 ``num_clients`` clients by one of the partitioners of
 :mod:`fedjax_lite.data.partition`.
+
+``test_split="examples"``: all 1797 examples are partitioned over the clients, then each
+client holds out ``round(test_fraction * n_k)`` of its own examples (keeping at least one
+for training: :func:`~fedjax_lite.data.population.split_examples`), so test client k is
+training client k's own distribution -- what personalized models (Ditto) are evaluated
+on, and the usual held-out data of personalization benchmarks under label skew.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedjax_lite.data.partition import Seed, equal_sizes, partition
-from fedjax_lite.data.population import Population, from_ragged
+from fedjax_lite.data.population import Population, from_ragged, split_examples
 
 NUM_CLASSES = 10
 TEST_CLIENT_SIZE = 64
@@ -55,7 +62,7 @@ def stratified_split(y: np.ndarray, test_fraction: float,
 def federated_digits(*, num_clients: int, partition_kind: str = "iid",
                      test_fraction: float = 0.2, seed: int = 0, alpha: float = 0.5,
                      shards_per_client: int = 2, sigma: float = 1.0,
-                     test_client_size: int = TEST_CLIENT_SIZE
+                     test_client_size: int = TEST_CLIENT_SIZE, test_split: str = "pooled"
                      ) -> tuple[Population, Population]:
     """(train, test) populations of the digits (see the module docstring).
 
@@ -65,6 +72,19 @@ def federated_digits(*, num_clients: int, partition_kind: str = "iid",
     impossible request (e.g. more clients than training examples).
     """
     x, y = load_digits_arrays()
+    if test_split == "examples":
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction={test_fraction} must be in (0, 1)")
+        try:
+            parts = partition(y, num_clients, partition_kind, seed=[seed, 1], alpha=alpha,
+                              shards_per_client=shards_per_client, sigma=sigma)
+        except ValueError as e:
+            raise ValueError(f"sklearn_digits: {e}") from None
+        everyone = from_ragged([x[p] for p in parts], [y[p] for p in parts],
+                               num_classes=NUM_CLASSES, source="sklearn_digits")
+        return split_examples(everyone, test_fraction, np.random.default_rng([seed, 3]))
+    if test_split != "pooled":
+        raise ValueError(f"test_split must be 'pooled' or 'examples', got {test_split!r}")
     train_idx, test_idx = stratified_split(y, test_fraction, [seed, 0])
     try:
         parts = partition(y[train_idx], num_clients, partition_kind, seed=[seed, 1],

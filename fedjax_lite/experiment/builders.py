@@ -73,7 +73,8 @@ def _example_data(config: Config, seed: int) -> tuple[fdata.Population, fdata.Po
             return fdata.federated_digits(
                 num_clients=d.num_clients, partition_kind=p.kind,
                 test_fraction=d.test_fraction, seed=seed, alpha=p.alpha,
-                shards_per_client=p.shards_per_client, sigma=p.sigma)
+                shards_per_client=p.shards_per_client, sigma=p.sigma,
+                test_split=d.test_split)
         except ValueError as e:            # more clients (or shards) than examples
             keys = "'data.num_clients'" + (", 'data.partition.shards_per_client'"
                                            if p.kind == "shards" else "")

@@ -418,12 +418,12 @@ def _check_personal(config: Config) -> None:
     if getattr(d, "test_path", None) or split == "examples" or (
             split == "auto" and not config.is_private):
         return
-    why = ("data.test_split is 'clients' (whole clients held out)" if split is not None
+    why = (f"data.test_split is {split!r} (test clients of its own)" if split is not None
            else f"data kind {d.kind!r} holds out its own test clients")
     raise ConfigError(f"config key 'algorithm.name': ditto evaluates each training "
                       f"client's personal model on that client's own held-out examples, "
-                      f"but {why}; use data.test_split: examples (synthetic, npz and leaf "
-                      f"data)")
+                      f"but {why}; use data.test_split: examples (synthetic, npz, leaf and "
+                      f"sklearn_digits data)")
 
 
 # Algorithms whose server update uses client data outside the aggregator, so a DP

@@ -131,6 +131,9 @@ class SklearnDigitsData:
     num_clients: int = field(default=100, metadata=_POS_INT)
     test_fraction: float = field(default=0.2, metadata=_check(lambda v: 0 < v < 1,
                                                               "a number in (0, 1)"))
+    # pooled: a stratified test set of its own clients; examples: test_fraction of every
+    # client's own examples (test client k = training client k: personalization)
+    test_split: Literal["pooled", "examples"] = "pooled"
     storage: Literal[STORAGES] = "auto"
     prepared: Union[str, None] = None       # mmap: a `fedjax-lite prepare` folder
     seed: Union[int, None] = field(default=None, metadata=_DATA_SEED)
