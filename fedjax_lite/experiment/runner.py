@@ -24,9 +24,8 @@ import time
 import jax
 import yaml
 
-from fedjax_lite.core import Sampling, build_evaluate, build_round, build_rounds, round_key
+from fedjax_lite.core import Sampling, build_round, build_rounds, round_key
 from fedjax_lite.core import client_state
-from fedjax_lite.core.evaluate import build_evaluate_sums, finish_evaluate
 from fedjax_lite.core.round import build_cohort_round
 from fedjax_lite.core.sampling import build_sampler
 from fedjax_lite.data import check_cohort_size
@@ -37,6 +36,7 @@ from fedjax_lite.experiment.builders import (apply_label_attack, build_algorithm
 from fedjax_lite.experiment.blocks import RoundSource, all_finite
 from fedjax_lite.experiment.checkpoint import CheckpointError, Checkpointer, check_resume
 from fedjax_lite.experiment.config_schema import OutputError
+from fedjax_lite.experiment.evaluation import Evaluation
 from fedjax_lite.experiment.interrupt import Interrupted, Interrupts
 from fedjax_lite.experiment.outputs import (MetricsWriter, NullWriter, plot_curves,
                                             read_metrics, save_params, save_per_user,
@@ -172,9 +172,6 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     if on_device:
         population = (storage.put_sharded(train, engine.mesh) if engine.population_sharded
                       else put(train.arrays()))
-    test_data = put(test.arrays()) if where_data != "mmap" else None
-    eval_engine = engine._replace(chunk_size=None if engine.chunk_size is None
-                                  else 4 * engine.chunk_size, population_sharded=False)
 
     t0 = time.perf_counter()
     if progress:
@@ -197,44 +194,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
     if config.engine.compile_rounds > 1:
         block_fn = jit(build_rounds(one_round, config.engine.compile_rounds)).lower(
             state, population, run_key, 0).compile()
-    per_user = {}          # the last evaluation's per-user sums (recommenders)
-    if recommender:      # RMSE needs the users' private factors (or their reconstruction)
-        rec_eval = build_recsys.build_evaluation(config, model, init_key, engine)
-        rec_inputs = put(({"x": rec_data.rated.item, "n": rec_data.rated.n},
-                          rec_data.negatives))
-        # fcf's evaluation reads the stored factors, not the ratings: with host storage
-        # it gets the users' counts only
-        eval_train = population if on_device else put({"n": train.n})
-        compiled = jit(rec_eval).lower(state, eval_train, test_data,
-                                       *rec_inputs).compile()
-
-        def evaluate(st, data):
-            metrics, per_user["last"] = compiled(st, eval_train, data, *rec_inputs)
-            return metrics
-    elif where_data == "mmap":       # the test clients stream through in blocks
-        blocked = storage.blocked_evaluate(build_evaluate_sums(model, eval_engine),
-                                           finish_evaluate, test, put)
-        evaluate = lambda st, data: blocked(st.params)
-    else:
-        compiled = jit(build_evaluate(model, eval_engine)).lower(
-            state.params, test_data).compile()
-        evaluate = lambda st, data: compiled(st.params, data)
-    train_evaluate = None     # eval.train: the global model on the training population
-    if config.eval.train:
-        if on_device:         # (a sharded population is read where it lives)
-            on_train = jit(build_evaluate(model, eval_engine._replace(
-                population_sharded=engine.population_sharded))).lower(
-                state.params, population).compile()
-            train_evaluate = lambda st: on_train(st.params, population)
-        else:
-            blocked_train = storage.blocked_evaluate(
-                build_evaluate_sums(model, eval_engine), finish_evaluate, train, put)
-            train_evaluate = lambda st: blocked_train(st.params)
-    personal_evaluate = None  # ditto: client k's personal model on client k's test data
-    if getattr(state, "personal", None) is not None:
-        on_own = jit(build_evaluate_sums(model, eval_engine, per_client_params=True)).lower(
-            state.personal, test_data).compile()
-        personal_evaluate = lambda st: finish_evaluate(on_own(st.personal, test_data))
+    evaluation = Evaluation(config, model, state, engine=engine, where_data=where_data,
+                            train=train, test=test, population=population, put=put, jit=jit,
+                            init_key=init_key, rec_data=rec_data if recommender else None)
     compile_s = time.perf_counter() - t0
     if progress:
         print(f"fedjax-lite: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
@@ -270,14 +232,7 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                                            "seed": config.seed, "window": window})
 
     def eval_row(round_num: int, st, window: dict) -> dict:
-        ev = {k: float(v) for k, v in evaluate(st, test_data).items()}
-        if train_evaluate is not None:
-            on_train = train_evaluate(st)
-            ev.update({f"eval_train_{k}": float(on_train[f"eval_{k}"])
-                       for k in ("loss", "accuracy")})
-        if personal_evaluate is not None:
-            ev.update({f"eval_personal_{k[5:]}": float(v)
-                       for k, v in personal_evaluate(st).items()})
+        ev = evaluation.metrics(st)
         if not math.isfinite(ev["eval_loss"]):
             raise DivergenceError(f"non-finite eval loss at round {round_num}")
         row = metrics_row(window, round_num, ev, wall(), C, show_loss, ledger)
@@ -377,10 +332,10 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                 "train_s": total["time"], "process": jax.process_index()}
 
     save_params(os.path.join(out_dir, "params.npz"), state.params)
-    if recommender and show_loss and per_user:
+    if recommender and show_loss and evaluation.per_user is not None:
         # per-user held-out errors at the last evaluation (diagnostics: a user's own
         # numbers, not released by the server; never written for a strict DP run)
-        save_per_user(os.path.join(out_dir, "per_user.npz"), per_user["last"],
+        save_per_user(os.path.join(out_dir, "per_user.npz"), evaluation.per_user,
                       rec_data.train.user_ids)
     rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     last_row = rows[-1] if rows else last_row
