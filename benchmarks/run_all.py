@@ -50,6 +50,7 @@ BENCHMARKS = (
     ("recsys", [], "~3 min"),
     ("recsys_quality", [], "~14 min"),
     ("sweep", [], "a few min"),
+    ("personalization", [], "~20 min"),
 )
 
 

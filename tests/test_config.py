@@ -1,5 +1,8 @@
 """Config validation: every bad input is one ConfigError line naming the key."""
 
+import glob
+import os
+
 import numpy as np
 import pytest
 import yaml
@@ -227,3 +230,13 @@ def test_compression_round_trips_through_to_dict():
     d = cfg.to_dict(c)
     assert d["compression"] == {"kind": "top_k", "fraction": 0.05, "error_feedback": False}
     assert parse(d) == c
+
+
+@pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in glob.glob(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                 "*.yaml"))))
+def test_every_shipped_config_parses(name):
+    """configs/*.yaml never rot: each parses (data files are not read here)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = cfg.load(os.path.join(root, "configs", name))
+    assert config.rounds >= 1
