@@ -175,8 +175,10 @@ def markdown(table, seeds, lrs, sizes, avg_lrs) -> str:
     for row in table:
         p = row["paper"]
         fmt = lambda r, sp: f"{r}" + (f" ({sp:.1f}×)" if row["B"] is not None else "")  # noqa
-        lr = (f" (lr {row['iid'].get('learning_rate'):g} / "
-              f"{row['non-iid'].get('learning_rate'):g})")
+        grid = lrs if row["B"] is None else avg_lrs
+        edge = lambda v: "*" if len(grid) > 1 and v in (min(grid), max(grid)) else ""  # noqa
+        a, b = row["iid"].get("learning_rate"), row["non-iid"].get("learning_rate")
+        lr = f" (lr {a:g}{edge(a)} / {b:g}{edge(b)})"
         lines.append(
             f"| {row['row']}{lr} | {row['u']:.1f} / {row['u_paper']} | {_cell(row['iid'])} | "
             f"{fmt(p['iid'], row['iid']['paper_speedup'])} | {_cell(row['non-iid'])} | "
@@ -190,8 +192,8 @@ def markdown(table, seeds, lrs, sizes, avg_lrs) -> str:
               f"{', '.join(map(str, lrs))}, FedAvg's client learning rate from "
               f"{', '.join(map(str, avg_lrs))}; best = most seeds reaching the target, then "
               "fewest mean rounds, then final accuracy, so the tuning picks by the same "
-              "seeds it reports (as a best-of-grid table does). '> cap': not reached within "
-              "the row's round cap."]
+              "seeds it reports (as a best-of-grid table does); * marks a rate at the edge "
+              "of its grid. '> cap': not reached within the row's round cap."]
     for part, vals in sp.items():
         if vals:
             lines.append(f"* {part}: FedAvg's speedup over FedSGD ranges {min(vals):.1f}× - "
