@@ -256,7 +256,6 @@ def test_a_run_reports_personal_metrics_and_resumes_exactly(tmp_path):
     ({"data": {**RUN["data"], "test_split": "clients"}}, "'algorithm.name': ditto"),
     ({"data": {"kind": "sklearn_digits", "num_clients": 10}}, "'pooled' (test clients"),
     ({"data": {"kind": "movielens", "path": "/nonexistent"}}, "holds out its own test"),
-    ({"data": {**RUN["data"], "storage": "host"}}, "'data.storage'"),
     ({"algorithm": {**RUN["algorithm"], "lam": -1}}, "'algorithm.lam'"),
     ({"algorithm": {**RUN["algorithm"], "personal_epochs": 0}}, "'algorithm.personal_epochs'"),
     ({"algorithm": {**RUN["algorithm"], "name": "fedavg"}}, "'algorithm.lam'"),

@@ -64,9 +64,14 @@ class Evaluation:
                 self._on_train = lambda st: blocked_train(st.params)
         self._personal = None      # client k's personal model on client k's test data
         if getattr(state, "personal", None) is not None:
-            own = jit(build_evaluate_sums(model, eval_engine, per_client_params=True)).lower(
-                state.personal, test_data).compile()
-            self._personal = lambda st: finish_evaluate(own(st.personal, test_data))
+            own_sums = build_evaluate_sums(model, eval_engine, per_client_params=True)
+            if on_device:
+                own = jit(own_sums).lower(state.personal, test_data).compile()
+                self._personal = lambda st: finish_evaluate(own(st.personal, test_data))
+            else:              # the personal models live on the host, with the population
+                blocked_own = storage.blocked_evaluate(own_sums, finish_evaluate, test, put,
+                                                       per_client_params=True)
+                self._personal = lambda st: blocked_own(st.personal)
 
     def metrics(self, state) -> dict:
         ev = {k: float(v) for k, v in self._on_test(state).items()}

@@ -106,10 +106,9 @@ def run(config: cfg.Config, out_dir: str, *, resume: bool = False,
                             config.data, "test_path", None) else ""))
     if where_data != "device" and config.algorithm.name in storage.DEVICE_ONLY:
         raise cfg.ConfigError(
-            f"config key 'data.storage': {where_data} storage is not available to "
-            f"{config.algorithm.name}: it evaluates from the whole population"
-            + (" (its personal models)" if config.algorithm.name == "ditto" else "")
-            + "; use device (among the recommenders fcf runs with host storage)")
+            f"config key 'data.storage': {where_data} storage is available to fcf among "
+            f"the recommenders (its private factors follow the ratings to the host); "
+            f"{config.algorithm.name} evaluates from the whole population: use device")
     if where_data != "device" and config.engine.compile_rounds > 1:
         raise cfg.ConfigError(
             f"config key 'engine.compile_rounds': {config.engine.compile_rounds} rounds "

@@ -15,8 +15,9 @@
 - ``auto``: ``mmap`` when a prepared folder is given, else ``device`` when the
   population fits the device budget (:func:`device_budget`), else ``host``.
 
-Population-sized client state follows the population (:class:`HostRounds`). The
-recommenders in :data:`DEVICE_ONLY` and Ditto (its personal models) evaluate from the
+Population-sized client state follows the population (:class:`HostRounds`), Ditto's
+personal models included (evaluated a block of clients at a time,
+:func:`blocked_evaluate`). The recommenders in :data:`DEVICE_ONLY` evaluate from the
 whole population and keep it on the device.
 
 The cohort, its keys, client state and every computation are the same in all three, so
@@ -40,7 +41,7 @@ from fedjax_lite.data import prepared as prep
 from fedjax_lite.experiment import config as cfg
 
 # recommenders whose evaluation reads the whole population (fcf reads stored factors)
-DEVICE_ONLY = ("fedrecon", "centralized", "local_only", "ditto")
+DEVICE_ONLY = ("fedrecon", "centralized", "local_only")
 
 # shares of memory a population may take when ``auto`` puts it on the device: on a CPU
 # the "device" copy is a second copy in RAM (the host arrays stay alive for outputs)
@@ -304,33 +305,39 @@ class HostRounds:
 
 
 def blocked_evaluate(evaluate_sums: Callable, finish: Callable, test: Population,
-                     put: Callable, block: int = 4096) -> Callable:
+                     put: Callable, block: int = 4096,
+                     per_client_params: bool = False) -> Callable:
     """``evaluate(params)`` over a host (or memory-mapped) test population, ``block``
     clients at a time through one compiled program (the last block padded with empty
-    clients, which count nowhere); sums accumulate in float64 on the host."""
+    clients, which count nowhere); sums accumulate in float64 on the host.
+    ``per_client_params``: ``params`` holds one row per test client (personal models,
+    population-sized on the host), sent a block of rows at a time with its clients."""
     K = test.num_clients
     block = max(1, min(block, K))
     compiled = {}
 
-    def take(s: int) -> dict:
+    def rows_of(a, s: int):
         stop = min(s + block, K)
-        out = {}
-        for k, a in (("x", test.x), ("y", test.y), ("n", test.n)):
-            rows = np.asarray(a[s:stop])
-            if stop - s < block:
-                rows = np.concatenate([rows, np.zeros((block - (stop - s),) + rows.shape[1:],
-                                                      rows.dtype)])
-            out[k] = rows
-        return put(out)
+        rows = np.asarray(a[s:stop])
+        if stop - s < block:
+            rows = np.concatenate([rows, np.zeros((block - (stop - s),) + rows.shape[1:],
+                                                  rows.dtype)])
+        return rows
+
+    def take(s: int) -> dict:
+        return put({k: rows_of(a, s) for k, a in (("x", test.x), ("y", test.y),
+                                                  ("n", test.n))})
 
     def evaluate(params):
         total = None
         for s in range(0, K, block):
             data = take(s)
+            p = put(jax.tree.map(lambda a: rows_of(a, s), params)) if per_client_params \
+                else params
             if "fn" not in compiled:
-                compiled["fn"] = jax.jit(evaluate_sums).lower(params, data).compile()
+                compiled["fn"] = jax.jit(evaluate_sums).lower(p, data).compile()
             sums = jax.tree.map(lambda v: np.asarray(v, np.float64),
-                                compiled["fn"](params, data))
+                                compiled["fn"](p, data))
             total = sums if total is None else jax.tree.map(np.add, total, sums)
         return finish(total)
 
