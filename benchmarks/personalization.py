@@ -31,7 +31,7 @@ import numpy as np
 from repro_common import (REPO, Recorder, band, command_line, load_config, pm, with_keys)
 
 ALPHAS = (0.1, 1.0)
-LAMS = (0.0, 0.1, 1.0)
+LAMS = (0.0, 0.1, 1.0, 10.0)       # lr 0.05 x lam 10 = 0.5: stable SGD
 MODELS = {
     "mlr": {"kind": "multinomial_logistic_regression", "num_classes": 10},
     "mlp": {"kind": "mlp", "hidden": [64], "num_classes": 10},
