@@ -45,9 +45,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.fedavg import (check_weighting, client_weights, cohort_delta,
-                                           cohort_train_loss, data_loss, next_state,
-                                           server_update)
+from fedjax_lite.algorithms.fedavg import (check_weighting, cohort_train_loss, data_loss,
+                                           fedavg_round)
 from fedjax_lite.core import client_state
 from fedjax_lite.core.aggregators import Aggregator, mean
 from fedjax_lite.core.faults import Faults, check_faults, init_residuals
@@ -132,17 +131,13 @@ def ditto(model: Model, *, num_clients: int, client_optimizer: optax.GradientTra
         if cohort.num_clients != num_clients:   # static: fails at trace time
             raise ValueError(f"ditto: num_clients={num_clients} but the population has "
                              f"{cohort.num_clients} rows")
-        agg_key, train_key = jax.random.split(key)
-        keys = client_keys(train_key, cohort.index)
-        chunk_fn = local_training_chunk(lambda *a: global_update(state.params, *a),
-                                        local_epochs=local_epochs)
-        delta, weights, agg_state, residuals, stats, round_metrics = cohort_delta(
-            chunk_fn, cohort, (keys,), client_weights(cohort, weighting), state, agg_key,
-            aggregator=aggregator, faults=faults, engine=engine)
-        params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta, weights, always=aggregator.private)
+        new_state, metrics, weights = fedavg_round(             # FedAvg's, as is
+            state, cohort, key, global_update, server_optimizer=server_optimizer,
+            local_epochs=local_epochs, weighting=weighting, aggregator=aggregator,
+            faults=faults, engine=engine)
         # the personal pass, from w_t (the model the clients received this round)
         v_rows = client_state.gather(state.personal, cohort)
+        train_key = jax.random.split(key)[1]
         personal_keys = client_keys(jax.random.fold_in(train_key, PERSONAL_STREAM),
                                     cohort.index)
         personal_fn = local_training_chunk(lambda *a: personal_update(state.params, *a),
@@ -150,9 +145,7 @@ def ditto(model: Model, *, num_clients: int, client_optimizer: optax.GradientTra
         v_new, personal_stats = map_cohort(personal_fn, cohort, (personal_keys, v_rows),
                                            engine)
         personal = client_state.scatter(state.personal, cohort, v_new, keep=~(weights > 0))
-        metrics = {"train_loss": cohort_train_loss(stats),
-                   "personal_train_loss": cohort_train_loss(personal_stats), **round_metrics}
-        return next_state(state, params, opt_state, agg_state, residuals,
-                          personal=personal), metrics
+        metrics = {**metrics, "personal_train_loss": cohort_train_loss(personal_stats)}
+        return new_state._replace(personal=personal), metrics
 
     return FederatedAlgorithm(init, apply)

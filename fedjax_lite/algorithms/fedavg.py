@@ -148,6 +148,28 @@ def cohort_delta(chunk_fn, cohort: Cohort, per_client: tuple, weights: jax.Array
     return delta, weights, agg_state, residuals, stats, {**fault_metrics, **agg_metrics}
 
 
+def fedavg_round(state, cohort: Cohort, key: jax.Array, client_update, *,
+                 server_optimizer: optax.GradientTransformation, local_epochs: int,
+                 weighting: str, aggregator: Aggregator, faults: Faults,
+                 engine: EngineOptions):
+    """FedAvg's round on ``state`` (any state with FedAvg's fields; the others are kept):
+    ``client_update(x_t, x, y, n, orders)`` -> (Delta_k, stats) for a chunk, run from
+    the train half of ``key``, then uplink, aggregation and the server step. Returns
+    (state, metrics, the clients' weights after faults: 0 for those that did not
+    report)."""
+    agg_key, train_key = jax.random.split(key)
+    keys = client_keys(train_key, cohort.index)
+    chunk_fn = local_training_chunk(lambda *a: client_update(state.params, *a),
+                                    local_epochs=local_epochs)
+    delta, weights, agg_state, residuals, stats, round_metrics = cohort_delta(
+        chunk_fn, cohort, (keys,), client_weights(cohort, weighting), state, agg_key,
+        aggregator=aggregator, faults=faults, engine=engine)
+    params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
+                                      delta, weights, always=aggregator.private)
+    metrics = {"train_loss": cohort_train_loss(stats), **round_metrics}
+    return next_state(state, params, opt_state, agg_state, residuals), metrics, weights
+
+
 def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
            server_optimizer: optax.GradientTransformation, local_epochs: int,
            batch_size: int, weighting: str = "examples", aggregator: Aggregator | None = None,
@@ -168,16 +190,9 @@ def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
         return jax.tree.map(lambda p, s: p - s, params, server_params), stats
 
     def apply(state: ServerState, cohort: Cohort, key: jax.Array):
-        agg_key, train_key = jax.random.split(key)
-        keys = client_keys(train_key, cohort.index)
-        chunk_fn = local_training_chunk(lambda *a: client_update(state.params, *a),
-                                        local_epochs=local_epochs)
-        delta, weights, agg_state, residuals, stats, round_metrics = cohort_delta(
-            chunk_fn, cohort, (keys,), client_weights(cohort, weighting), state, agg_key,
-            aggregator=aggregator, faults=faults, engine=engine)
-        params, opt_state = server_update(server_optimizer, state.params, state.opt_state,
-                                          delta, weights, always=aggregator.private)
-        metrics = {"train_loss": cohort_train_loss(stats), **round_metrics}
-        return next_state(state, params, opt_state, agg_state, residuals), metrics
+        return fedavg_round(state, cohort, key, client_update,
+                            server_optimizer=server_optimizer, local_epochs=local_epochs,
+                            weighting=weighting, aggregator=aggregator, faults=faults,
+                            engine=engine)[:2]
 
     return FederatedAlgorithm(init, apply)
