@@ -107,6 +107,28 @@ def np_local_train(kind: str, opt: NumpyOptimizer, params: dict, x, y, n: int, o
     return params, (loss_sum, examples, steps)
 
 
+def padded_binary_population(P: int, N: int, D: int, sizes: dict | None = None) -> dict:
+    """P clients of d = D features and 0/1 labels padded to N examples, with garbage in
+    the padding (x 5); ``sizes``: {rows: counts} overriding the random counts (seed 0)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(P, N, D)).astype(np.float32)
+    y = rng.integers(0, 2, size=(P, N)).astype(np.int32)
+    n = rng.integers(1, N + 1, size=P).astype(np.int32)
+    for rows, counts in (sizes or {}).items():
+        n[np.asarray(rows)] = counts
+    for i in range(P):
+        x[i, n[i]:] *= 5.0                       # padding garbage
+    return {"x": x, "y": y, "n": n}
+
+
+def small_logistic_params(D: int) -> dict:
+    """Binary logistic regression parameters, 0.1 * N(0, 1) (seed 1)."""
+    import jax.numpy as jnp
+    rng = np.random.default_rng(1)
+    return {"w": jnp.asarray(0.1 * rng.normal(size=(D,)), jnp.float32),
+            "b": jnp.asarray(0.1 * rng.normal(), jnp.float32)}
+
+
 @pytest.fixture(scope="session")
 def numpy_reference():
     """Independent float64 NumPy references (see this module)."""

@@ -27,6 +27,7 @@ from fedjax_lite.core.shuffle import epoch_orders
 from fedjax_lite.experiment.cli import main
 from fedjax_lite.experiment.outputs import read_metrics
 from fedjax_lite.models.linear import logistic_regression
+from conftest import padded_binary_population, small_logistic_params
 from test_cli import strip_timing, write_config
 
 P, N, D = 10, 6, 3
@@ -35,24 +36,11 @@ COHORTS = [np.array(c, np.int32) for c in ([7, 3, 9, 0, 2], [3, 5, 7, 1, 8], [0,
 ENGINE = EngineOptions(chunk_size=2, unroll=1)     # several chunks: slicing is exercised
 
 
-def make_population() -> dict:
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(P, N, D)).astype(np.float32)
-    y = rng.integers(0, 2, size=(P, N)).astype(np.int32)
-    n = rng.integers(1, N + 1, size=P).astype(np.int32)
-    n[4] = 0                                     # a client without examples
-    for i in range(P):
-        x[i, n[i]:] *= 5.0                       # padding garbage
-    return {"x": x, "y": y, "n": n}
-
-
-POP = make_population()
+POP = padded_binary_population(P, N, D, sizes={(4,): 0})   # client 4: no examples
 
 
 def init_params():
-    rng = np.random.default_rng(1)
-    return {"w": jnp.asarray(0.1 * rng.normal(size=(D,)), jnp.float32),
-            "b": jnp.asarray(0.1 * rng.normal(), jnp.float32)}
+    return small_logistic_params(D)
 
 
 def round_keys():

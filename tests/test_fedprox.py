@@ -22,6 +22,7 @@ from fedjax_lite.algorithms.fedprox import fedprox, straggler_epochs
 from fedjax_lite.core.round import EngineOptions, make_cohort
 from fedjax_lite.core.shuffle import epoch_orders
 from fedjax_lite.models.linear import logistic_regression
+from conftest import padded_binary_population, small_logistic_params
 
 K, N, D, P = 5, 6, 3, 10
 E, BATCH, LR, MU = 3, 2, 0.3, 0.5
@@ -31,24 +32,11 @@ ROUNDS = 3
 ENGINE = EngineOptions(chunk_size=None, unroll=1)
 
 
-def make_population() -> dict:
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(P, N, D)).astype(np.float32)
-    y = rng.integers(0, 2, size=(P, N)).astype(np.int32)
-    n = rng.integers(1, N + 1, size=P).astype(np.int32)
-    n[INDEX] = SIZES
-    for i in range(P):
-        x[i, n[i]:] *= 5.0                       # padding garbage
-    return {"x": x, "y": y, "n": n}
-
-
-POP = make_population()
+POP = padded_binary_population(P, N, D, sizes={tuple(INDEX): SIZES})
 
 
 def init_params():
-    rng = np.random.default_rng(1)
-    return {"w": jnp.asarray(0.1 * rng.normal(size=(D,)), jnp.float32),
-            "b": jnp.asarray(0.1 * rng.normal(), jnp.float32)}
+    return small_logistic_params(D)
 
 
 def round_keys():
