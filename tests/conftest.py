@@ -107,6 +107,24 @@ def np_local_train(kind: str, opt: NumpyOptimizer, params: dict, x, y, n: int, o
     return params, (loss_sum, examples, steps)
 
 
+def np_prox_sgd(kind: str, start: dict, anchor: dict, x, y, n: int, orders, *,
+                epochs: int, batch_size: int, lr: float, mu: float):
+    """float64 minibatch SGD on F_k(w) + mu/2 ||w - anchor||^2 from ``start`` (FedProx's
+    local objective, Ditto's personal one), epoch e visiting ``orders[e][:n]``. Returns
+    (params, data loss summed over the steps' examples, examples)."""
+    p = {k: np.asarray(v, np.float64) for k, v in start.items()}
+    loss_sum, examples = 0.0, 0
+    for e in range(epochs):
+        perm = orders[e][:n]
+        for s in range(0, n, batch_size):
+            idx = perm[s:s + batch_size]
+            loss, g = np_loss_and_grads(kind, p, x[idx], y[idx])
+            p = {k: p[k] - lr * (g[k] + mu * (p[k] - anchor[k])) for k in p}
+            loss_sum += loss * len(idx)
+            examples += len(idx)
+    return p, loss_sum, examples
+
+
 def padded_binary_population(P: int, N: int, D: int, sizes: dict | None = None) -> dict:
     """P clients of d = D features and 0/1 labels padded to N examples, with garbage in
     the padding (x 5); ``sizes``: {rows: counts} overriding the random counts (seed 0)."""
@@ -133,4 +151,4 @@ def small_logistic_params(D: int) -> dict:
 def numpy_reference():
     """Independent float64 NumPy references (see this module)."""
     return SimpleNamespace(loss_and_grads=np_loss_and_grads, Optimizer=NumpyOptimizer,
-                           local_train=np_local_train)
+                           local_train=np_local_train, prox_sgd=np_prox_sgd)

@@ -77,18 +77,8 @@ def engine_orders(key, index, personal: bool, epochs: int):
 
 def np_sgd(ref, start, x, y, n, orders, epochs, lam=0.0, anchor=None):
     """float64 minibatch SGD on F_k(v) + lam/2 ||v - anchor||^2 from ``start``."""
-    p = dict(start)
-    loss_sum, examples = 0.0, 0
-    for e in range(epochs):
-        perm = orders[e][:n]
-        for s in range(0, n, BATCH):
-            idx = perm[s:s + BATCH]
-            loss, g = ref.loss_and_grads("binary", p, x[idx], y[idx])
-            p = {k: p[k] - LR * (g[k] + (lam * (p[k] - anchor[k]) if lam else 0.0))
-                 for k in p}
-            loss_sum += loss * len(idx)
-            examples += len(idx)
-    return p, loss_sum, examples
+    return ref.prox_sgd("binary", start, anchor or start, x, y, n, orders, epochs=epochs,
+                        batch_size=BATCH, lr=LR, mu=lam)
 
 
 def numpy_ditto(ref, lam):

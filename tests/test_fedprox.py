@@ -74,17 +74,8 @@ def engine_orders(key):
 
 def np_prox_sgd(ref, params, x, y, n, orders, epochs, mu):
     """float64 minibatch SGD on F_k(w) + mu/2 ||w - params||^2; data loss reported."""
-    anchor, p = params, dict(params)
-    loss_sum, examples = 0.0, 0
-    for e in range(epochs):
-        perm = orders[e][:n]
-        for s in range(0, n, BATCH):
-            idx = perm[s:s + BATCH]
-            loss, g = ref.loss_and_grads("binary", p, x[idx], y[idx])
-            p = {k: p[k] - LR * (g[k] + mu * (p[k] - anchor[k])) for k in p}
-            loss_sum += loss * len(idx)
-            examples += len(idx)
-    return p, loss_sum, examples
+    return ref.prox_sgd("binary", params, params, x, y, n, orders, epochs=epochs,
+                        batch_size=BATCH, lr=LR, mu=mu)
 
 
 def numpy_fedprox(ref, mu, epochs_fn=lambda r: np.full(K, E), weight_fn=None):
