@@ -207,7 +207,7 @@ RUN = {"seed": 0, "rounds": 6, "eval_every": 3, "checkpoint_every": 3,
                      "client_optimizer": {"name": "sgd", "learning_rate": 0.05}}}
 
 
-def test_a_run_reports_personal_metrics_and_resumes_exactly(tmp_path):
+def test_a_run_reports_personal_metrics_and_resumes_exactly(tmp_path, capsys):
     """eval_personal_* in every evaluation row (round 0: the personal models are w_0, so
     they equal the global ones); on this heterogeneous data the personal models beat the
     global one; 3 rounds + --resume to 6 writes the 6-round run's rows (the personal
@@ -215,6 +215,8 @@ def test_a_run_reports_personal_metrics_and_resumes_exactly(tmp_path):
     path = write_config(tmp_path, RUN)
     assert main(["run", path, "--out", str(tmp_path / "full"), "--no-progress"]) == 0
     rows = read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["eval_personal_accuracy"] == rows[-1]["eval_personal_accuracy"]
     assert [r["round"] for r in rows] == [0, 3, 6]
     assert rows[0]["eval_personal_loss"] == pytest.approx(rows[0]["eval_loss"], rel=1e-6)
     assert rows[-1]["eval_personal_accuracy"] > rows[-1]["eval_accuracy"] + 0.05

@@ -315,6 +315,8 @@ def _main(args, errors: list[str]) -> int:
     headline = ({"eval_rmse": final.get("eval_rmse"), "eval_mae": final.get("eval_mae"),
                  **ranked} if "eval_rmse" in final else ranked if ranked
                 else {"eval_accuracy": final.get("eval_accuracy")})
+    if "eval_personal_accuracy" in final:          # ditto: its personal models too
+        headline["eval_personal_accuracy"] = final["eval_personal_accuracy"]
     print(json.dumps({"round": final.get("round"), **headline,
                       "eval_loss": final.get("eval_loss"),
                       "clients_per_s": summary["clients_per_s"],
