@@ -231,7 +231,8 @@ def compare(raw: dict, out_dir: str, *, algorithms: list[str],
 
 # the evaluation metrics a comparison reports, in this order, when the runs have them
 REPORTED = ("eval_accuracy", "eval_rmse", "eval_mae", "eval_hr10", "eval_ndcg10",
-            "eval_hr10_full", "eval_ndcg10_full", "eval_loss")
+            "eval_hr10_full", "eval_ndcg10_full", "eval_loss",
+            "eval_personal_accuracy")         # ditto's personal models (n/a for others)
 LOWER_IS_BETTER = ("eval_rmse", "eval_mae", "eval_loss")
 
 
@@ -254,7 +255,8 @@ def _pm(mean, std, digits=4) -> str:
 _LABEL = {"eval_accuracy": "final eval accuracy", "eval_loss": "final eval loss",
           "eval_rmse": "final RMSE", "eval_mae": "final MAE", "eval_hr10": "HR@10",
           "eval_ndcg10": "NDCG@10", "eval_hr10_full": "HR@10 full",
-          "eval_ndcg10_full": "NDCG@10 full"}
+          "eval_ndcg10_full": "NDCG@10 full",
+          "eval_personal_accuracy": "final personal accuracy"}
 
 
 def markdown_table(table: list[dict], target: float | None, seeds: int,
