@@ -47,17 +47,19 @@ def test_scanned_rounds_equal_the_host_loop(kind):
                                        rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("which", ["fedavg", "fcf"])
+@pytest.mark.parametrize("which", ["fedavg", "fcf", "ditto"])
 def test_run_with_compile_rounds_writes_the_loop_metrics(tmp_path, which):
     """``fedjax-lite run`` with ``engine.compile_rounds: 3`` (evaluations every 3 rounds,
     a checkpoint every 6, a last block cut short by the end): the same metrics rows and
-    parameters as the per-round loop."""
+    parameters as the per-round loop (for ditto its personal models' metrics too)."""
     from fedjax_lite.experiment.cli import main
     from fedjax_lite.experiment.outputs import read_metrics
     from test_cli import SMALL, strip_timing, write_config
     from test_recsys_run import REC
-    base = {**(SMALL if which == "fedavg" else REC), "rounds": 10, "eval_every": 3,
+    base = {**(REC if which == "fcf" else SMALL), "rounds": 10, "eval_every": 3,
             "checkpoint_every": 6}
+    if which == "ditto":
+        base["algorithm"] = {**SMALL["algorithm"], "name": "ditto", "lam": 0.5}
     out = {}
     for k in (1, 3):
         raw = {**base, "engine": {"compile_rounds": k}}
@@ -68,6 +70,7 @@ def test_run_with_compile_rounds_writes_the_loop_metrics(tmp_path, which):
                   np.load(folder / "params.npz"))
     rows1, rows3 = out[1][0], out[3][0]
     assert [r["round"] for r in rows1] == [r["round"] for r in rows3]
+    assert ("eval_personal_accuracy" in rows3[-1]) == (which == "ditto")
     for a, b in zip(rows1, rows3):
         for key in a:
             if isinstance(a[key], float):
