@@ -628,20 +628,10 @@ def plot(res: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------------- main
 
-def source_state() -> dict:
-    """git HEAD, whether fedjax_lite/ has uncommitted changes, and a hash of its sources
-    (the same fields as ``throughput.machine_info()``, without JAX): the runs' worker
-    processes import the engine at the start, ``machine_info()`` runs at the end."""
-    import hashlib
-    import subprocess
-    h = hashlib.sha256()
-    for f in sorted((REPO / "fedjax_lite").rglob("*.py")):
-        h.update(f.read_bytes())
-    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True,
-                                    text=True).stdout.strip()
-    return {"git_commit": git("rev-parse", "HEAD"),
-            "fedjax_lite_dirty": bool(git("status", "--porcelain", "fedjax_lite")),
-            "fedjax_lite_source_sha256": h.hexdigest()[:16]}
+# git HEAD, dirty flag and source hash without JAX (the runs' worker processes import
+# the engine at the start, ``machine_info()`` runs at the end); recsys_quality, scaling
+# and startup import it from here
+source_state = tp.source_state
 
 
 def _mean(values: list):

@@ -27,6 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import source_state  # noqa: E402 -- git HEAD, dirty flag, source hash
 
 # one line style per method family, reused by every figure
 STYLES = ["-", "--", "-.", ":"]
@@ -192,21 +193,6 @@ def band(ax, v: dict, key: str, *, label: str, style: int, color=None, every: in
         ax.fill_between(rounds, np.nanmin(values, 0), np.nanmax(values, 0),
                         color=line.get_color(), alpha=0.18, lw=0)
     return line
-
-
-def source_state() -> dict:
-    """git HEAD, whether fedjax_lite/ has uncommitted changes, a hash of its sources (no
-    JAX import; the same fields as throughput.machine_info())."""
-    import hashlib
-    import subprocess
-    h = hashlib.sha256()
-    for f in sorted((REPO / "fedjax_lite").rglob("*.py")):
-        h.update(f.read_bytes())
-    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True,  # noqa
-                                    text=True).stdout.strip()
-    return {"git_commit": git("rev-parse", "HEAD"),
-            "fedjax_lite_dirty": bool(git("status", "--porcelain", "fedjax_lite")),
-            "fedjax_lite_source_sha256": h.hexdigest()[:16]}
 
 
 def machine(quick: bool) -> dict:

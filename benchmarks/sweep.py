@@ -81,14 +81,8 @@ def run_sequential(folder: str) -> dict:
 
 
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from throughput import cpu_model      # (benchmarks/ is on sys.path: the script's dir)
+    model = cpu_model()
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,
                                     cwd=os.path.dirname(os.path.abspath(__file__))).stdout
     return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "jax": jax.__version__,

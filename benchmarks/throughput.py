@@ -521,17 +521,20 @@ def check(args) -> None:
 
 
 # ---- driver -----------------------------------------------------------------------------
-def machine_info() -> dict:
-    import jax
-    import optax
-    cpu = "unknown"
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown"
+
+
+def source_state() -> dict:
+    """git HEAD, whether fedjax_lite/ has uncommitted changes and a hash of its sources
+    (no JAX import: the reproductions record it before and after they run)."""
     h = hashlib.sha256()
     for f in sorted((REPO / "fedjax_lite").rglob("*.py")):
         h.update(f.read_bytes())
@@ -542,21 +545,27 @@ def machine_info() -> dict:
                                      "fedjax_lite"], capture_output=True, text=True).stdout)
     except OSError:
         commit, dirty = "", None
+    return {"git_commit": commit, "fedjax_lite_dirty": dirty,
+            "fedjax_lite_source_sha256": h.hexdigest()[:16]}
+
+
+def machine_info() -> dict:
+    import jax
+    import optax
     mem = None
     try:
         mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
     return {
-        "cpu_model": cpu, "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)), "memory_gib": mem,
         "python": platform.python_version(), "numpy": np.__version__,
         "jax": jax.__version__, "optax": optax.__version__,
         "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit, "fedjax_lite_dirty": dirty,
-        "fedjax_lite_source_sha256": h.hexdigest()[:16],
+        **source_state(),
         "matmul_gflops": matmul_gflops(),
     }
 
