@@ -12,4 +12,5 @@ from fedjax_lite.algorithms.fedsgd import fedsgd
 from fedjax_lite.algorithms.scaffold import ScaffoldState, ScaffoldStateEF, scaffold
 
 __all__ = ["DittoState", "DittoStateEF", "ScaffoldState", "ScaffoldStateEF", "ServerState",
-           "ServerStateEF", "ditto", "fedavg", "fednova", "fedprox", "fedsgd", "scaffold", "server_update"]
+           "ServerStateEF", "ditto", "fedavg", "fednova", "fedprox", "fedsgd", "scaffold",
+           "server_update"]

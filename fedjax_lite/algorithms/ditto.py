@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.algorithms.fedavg import (check_weighting, cohort_train_loss, data_loss,
-                                           fedavg_round)
+                                           fedavg_round, local_delta)
+from fedjax_lite.algorithms.fedprox import proximal_objective
 from fedjax_lite.core import client_state
 from fedjax_lite.core.aggregators import Aggregator, mean
 from fedjax_lite.core.faults import Faults, check_faults, init_residuals
@@ -54,7 +55,7 @@ from fedjax_lite.core.local import local_train_chunk
 from fedjax_lite.core.micro import check_micro_cohort
 from fedjax_lite.core.round import (Cohort, EngineOptions, FederatedAlgorithm, client_keys,
                                     local_training_chunk, map_cohort)
-from fedjax_lite.models.base import Model, masked_mean_loss
+from fedjax_lite.models.base import Model
 
 PERSONAL_STREAM = 0x4449_5454    # fold_in constant of the personal pass's key ("DITT")
 
@@ -97,7 +98,9 @@ def ditto(model: Model, *, num_clients: int, client_optimizer: optax.GradientTra
     check_weighting(weighting)
     check_faults(faults)
     check_micro_cohort(engine, algorithm="ditto")
-    global_loss = data_loss(model)
+    global_update = local_delta(data_loss(model), client_optimizer,    # FedAvg's client
+                                local_epochs=local_epochs, batch_size=batch_size,
+                                unroll=engine.unroll)
 
     def init(params) -> DittoState | DittoStateEF:
         personal = jax.tree.map(                    # v_k^0 = w^0 (Alg. 1)
@@ -107,23 +110,10 @@ def ditto(model: Model, *, num_clients: int, client_optimizer: optax.GradientTra
         residuals = init_residuals(faults, params)
         return DittoState(*fields) if residuals is None else DittoStateEF(*fields, residuals)
 
-    def global_update(w_t, x, y, n, orders):
-        """FedAvg's client: w_k <- ClientOpt E epochs on F_k from w_t; Delta_k."""
-        w_k, stats = local_train_chunk(global_loss, client_optimizer, w_t, x, y, n, orders,
-                                       local_epochs=local_epochs, batch_size=batch_size,
-                                       unroll=engine.unroll)
-        return jax.tree.map(jnp.subtract, w_k, w_t), stats
-
     def personal_update(w_t, x, y, n, orders, v_k):
         """v_k <- ClientOpt E_p epochs on h_k(v; w_t) from each client's own v_k."""
-
-        def loss_fn(v, xb, yb, mb):
-            f_k = masked_mean_loss(model, v, xb, yb, mb)
-            sq = sum(jnp.sum(jnp.square(a - b)) for a, b in
-                     zip(jax.tree.leaves(v), jax.tree.leaves(w_t)))
-            return f_k + 0.5 * lam * sq, f_k
-
-        return local_train_chunk(loss_fn, client_optimizer, v_k, x, y, n, orders,
+        return local_train_chunk(proximal_objective(model, w_t, lam), client_optimizer,
+                                 v_k, x, y, n, orders,
                                  local_epochs=personal_epochs, batch_size=batch_size,
                                  unroll=engine.unroll, per_client_params=True)
 

@@ -122,6 +122,19 @@ def data_loss(model: Model):
     return loss_fn
 
 
+def local_delta(loss_fn, client_optimizer: optax.GradientTransformation, *,
+                local_epochs: int, batch_size: int, unroll: int):
+    """FedAvg's client for a chunk: ``client_update(x_t, x, y, n, orders)`` runs
+    ClientOpt for the local epochs on ``loss_fn`` from x_t and returns (Delta_k = x_k -
+    x_t, stats)."""
+    def client_update(server_params, x, y, n, orders):
+        params, stats = local_train_chunk(loss_fn, client_optimizer, server_params, x, y, n,
+                                          orders, local_epochs=local_epochs,
+                                          batch_size=batch_size, unroll=unroll)
+        return jax.tree.map(lambda p, s: p - s, params, server_params), stats
+    return client_update
+
+
 def cohort_train_loss(stats) -> jax.Array:
     """Mean data loss over every real example processed in the cohort's local steps."""
     return jnp.sum(stats.loss_sum) / jnp.maximum(jnp.sum(stats.examples), 1.0)
@@ -180,14 +193,10 @@ def fedavg(model: Model, *, client_optimizer: optax.GradientTransformation,
     check_weighting(weighting)
     check_micro_cohort(engine, aggregator, faults, algorithm="fedavg")
     init = server_state_init(server_optimizer, aggregator, faults)
-    loss_fn = data_loss(model)
-
-    def client_update(server_params, x, y, n, orders):
-        """Clients k of a chunk: x_k <- ClientOpt epochs from x_t; Delta_k = x_k - x_t."""
-        params, stats = local_train_chunk(loss_fn, client_optimizer, server_params, x, y, n,
-                                          orders, local_epochs=local_epochs,
-                                          batch_size=batch_size, unroll=engine.unroll)
-        return jax.tree.map(lambda p, s: p - s, params, server_params), stats
+    # clients k of a chunk: x_k <- ClientOpt epochs from x_t; Delta_k = x_k - x_t
+    client_update = local_delta(data_loss(model), client_optimizer,
+                                local_epochs=local_epochs, batch_size=batch_size,
+                                unroll=engine.unroll)
 
     def apply(state: ServerState, cohort: Cohort, key: jax.Array):
         return fedavg_round(state, cohort, key, client_update,

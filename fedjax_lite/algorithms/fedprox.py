@@ -60,6 +60,20 @@ def straggler_epochs(key: jax.Array, index: jax.Array, straggler_fraction: float
     return is_straggler, jnp.where(is_straggler, draws, local_epochs).astype(jnp.int32)
 
 
+def proximal_objective(model: Model, anchor, mu):
+    """h(w) = F_k(w) + mu/2 ||w - anchor||^2 (paper eq. 2) as a local loss: returns
+    (h, F_k), the data loss F_k reported without the proximal term. Ditto's personal
+    objective is the same with mu = lam and the anchor w_t."""
+
+    def loss_fn(p, xb, yb, mb):
+        data_loss = masked_mean_loss(model, p, xb, yb, mb)
+        sq = sum(jnp.sum(jnp.square(a - b)) for a, b in
+                 zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
+        return data_loss + 0.5 * mu * sq, data_loss          # h_k, F_k
+
+    return loss_fn
+
+
 def fedprox(model: Model, *, client_optimizer: optax.GradientTransformation,
             server_optimizer: optax.GradientTransformation, local_epochs: int,
             batch_size: int, mu: float, straggler_fraction: float = 0.0,
@@ -82,13 +96,7 @@ def fedprox(model: Model, *, client_optimizer: optax.GradientTransformation,
 
     def client_update(server_params, x, y, n, orders, num_epochs):
         """Clients k of a chunk: x_k <- ClientOpt E_k epochs on h_k (2); Delta_k."""
-
-        def loss_fn(p, xb, yb, mb):
-            data_loss = masked_mean_loss(model, p, xb, yb, mb)
-            sq = sum(jnp.sum(jnp.square(a - b)) for a, b in
-                     zip(jax.tree.leaves(p), jax.tree.leaves(server_params)))
-            return data_loss + 0.5 * mu * sq, data_loss          # h_k, F_k
-
+        loss_fn = proximal_objective(model, server_params, mu)
         params, stats = local_train_chunk(loss_fn, client_optimizer, server_params, x, y, n,
                                           orders, local_epochs=local_epochs,
                                           batch_size=batch_size, num_epochs=num_epochs,
