@@ -47,10 +47,8 @@ def build_evaluate_sums(model: Model, engine: EngineOptions = EngineOptions(chun
 
     def sums(params, data):
         everyone = make_cohort(data, jnp.arange(data["n"].shape[0]))
-        if per_client_params:
-            loss, correct = map_cohort(chunk_fn(None), everyone, (params,), engine)
-        else:
-            loss, correct = map_cohort(chunk_fn(params), everyone, (), engine)
+        shared, own = (None, (params,)) if per_client_params else (params, ())
+        loss, correct = map_cohort(chunk_fn(shared), everyone, own, engine)
         n = data["n"].astype(jnp.float32)
         has = n > 0
         per = jnp.maximum(n, 1.0)

@@ -72,27 +72,24 @@ def federated_digits(*, num_clients: int, partition_kind: str = "iid",
     impossible request (e.g. more clients than training examples).
     """
     x, y = load_digits_arrays()
-    if test_split == "examples":
+    if test_split == "pooled":
+        train_idx, test_idx = stratified_split(y, test_fraction, [seed, 0])
+        part_of = "sklearn_digits training part"
+    elif test_split == "examples":       # every example is partitioned, then split
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction={test_fraction} must be in (0, 1)")
-        try:
-            parts = partition(y, num_clients, partition_kind, seed=[seed, 1], alpha=alpha,
-                              shards_per_client=shards_per_client, sigma=sigma)
-        except ValueError as e:
-            raise ValueError(f"sklearn_digits: {e}") from None
-        everyone = from_ragged([x[p] for p in parts], [y[p] for p in parts],
-                               num_classes=NUM_CLASSES, source="sklearn_digits")
-        return split_examples(everyone, test_fraction, np.random.default_rng([seed, 3]))
-    if test_split != "pooled":
+        train_idx, part_of = np.arange(len(y)), "sklearn_digits"
+    else:
         raise ValueError(f"test_split must be 'pooled' or 'examples', got {test_split!r}")
-    train_idx, test_idx = stratified_split(y, test_fraction, [seed, 0])
     try:
         parts = partition(y[train_idx], num_clients, partition_kind, seed=[seed, 1],
                           alpha=alpha, shards_per_client=shards_per_client, sigma=sigma)
     except ValueError as e:
-        raise ValueError(f"sklearn_digits training part: {e}") from None
+        raise ValueError(f"{part_of}: {e}") from None
     train = from_ragged([x[train_idx[p]] for p in parts], [y[train_idx[p]] for p in parts],
                         num_classes=NUM_CLASSES, source="sklearn_digits")
+    if test_split == "examples":
+        return split_examples(train, test_fraction, np.random.default_rng([seed, 3]))
     order = np.random.default_rng([seed, 2]).permutation(test_idx)
     pieces = -(-len(order) // test_client_size)
     test_parts = np.split(order, np.cumsum(equal_sizes(len(order), pieces))[:-1])

@@ -16,7 +16,6 @@ def _only_for(raw: dict, section: str, name: str, keys: dict, field: str = "name
                               f"{section}.{field} in ({', '.join(owners)}), not {name!r}")
 
 
-
 def _check_example_data(config: Config, raw: dict) -> None:
     """The leaf and sklearn_digits data kinds: required keys, partition keys that apply
     to the chosen partition only, and a model whose classes cover the digits."""
