@@ -102,7 +102,7 @@ def run_grid(raw: dict, tmp: str, label: str, *, key: str, values, seeds: int,
     after it stopped."""
     from fedjax_lite.experiment.compare import rounds_to_target
     from fedjax_lite.experiment.outputs import read_metrics
-    from fedjax_lite.experiment.sweep import plan, sweep
+    from fedjax_lite.experiment.sweep import plan, short_names, sweep
     folder = os.path.join(tmp, "".join(c if c.isalnum() else "_" for c in label))
     texts = [f"{v:g}" for v in values]
     grid = f"{key}={','.join(texts)}"
@@ -120,16 +120,13 @@ def run_grid(raw: dict, tmp: str, label: str, *, key: str, values, seeds: int,
         for m in mine:
             rows = read_metrics(os.path.join(folder, "members", m.name, "metrics.jsonl"))
             rows = [r for r in rows if r.get("eval_accuracy") is not None]
-            summary = json.loads(open(os.path.join(folder, "members", m.name,
-                                                   "summary.json")).read())
-            stopped += bool(summary.get("stopped"))
+            stopped += m.name in doc["stopped"]
             curves.append({"seed": m.config.seed, "round": [r["round"] for r in rows],
                            **{k: [r.get(k) for r in rows]
                               for k in ("eval_accuracy", "eval_loss", "train_loss",
                                         "eval_train_loss")}})
             reached.append(rounds_to_target(rows, target))
-        short = {"learning_rate": "lr"}.get(key.rsplit(".", 1)[-1], key.rsplit(".", 1)[-1])
-        v = {"label": f"{label} {short}={text}",
+        v = {"label": f"{label} {short_names([key])[key]}={text}",
              "config": {**raw, "_grid": {key: value}}, "seeds": [c["seed"] for c in curves],
              "curves": curves, "rounds_to_target": reached, "stopped": stopped,
              "value": value, "wall_s": wall / len(values),

@@ -28,13 +28,13 @@ from fedjax_lite.experiment.config_schema import (AGGREGATOR_KEYS, ALGORITHM_ONL
                                                   NpzData, OptimizerConfig,
                                                   RECOMMENDATION_BASELINES)
 from fedjax_lite.experiment.config_schema import PARTITION_KEYS, PartitionConfig
-# the cross-field rules parse() applies, and a DP run's accounting setup
-from fedjax_lite.experiment.config_rules import (NOT_PRIVATE_WITH_DP,  # noqa: F401
-                                                 _check_example_data, _check_personal,
+# the cross-field rules parse() applies; NOT_PRIVATE_WITH_DP and privacy_setup are
+# re-exported (cfg.privacy_setup is how builders and privacy_run call it)
+from fedjax_lite.experiment.config_rules import NOT_PRIVATE_WITH_DP  # noqa: F401
+from fedjax_lite.experiment.config_rules import privacy_setup  # noqa: F401
+from fedjax_lite.experiment.config_rules import (_check_example_data, _check_personal,
                                                  _check_private, _check_recommendation,
-                                                 _only_for, privacy_setup)
-
-REEXPORTED = (NOT_PRIVATE_WITH_DP, privacy_setup)     # cfg.privacy_setup & co. stay here
+                                                 _only_for)
 
 
 # ------------------------------------------------------------------------ parsing
